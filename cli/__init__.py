@@ -1,0 +1,1 @@
+"""The `finmerge` command."""

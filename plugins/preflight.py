@@ -1,0 +1,225 @@
+"""Checks a `domain_instruct` recipe and its three checkpoints before any tensor is merged.
+
+Everything here reads configs and safetensors headers only, so a wrong recipe fails in seconds with
+a message that names the model, field or tensor, instead of an hour into a 14B merge.
+"""
+
+import glob
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from mergekit.common import ModelReference
+from mergekit.config import MergeConfiguration
+
+from finmerge.plugins import METHOD_NAME
+
+LOG = logging.getLogger(__name__)
+ROLES = ("domain", "instruct")
+
+
+class RecipeError(ValueError):
+    """The recipe or one of its models cannot be merged as written; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """The three checkpoints of a `domain_instruct` merge, resolved to local folders."""
+
+    base: ModelReference
+    domain: ModelReference
+    instruct: ModelReference
+    paths: Dict[str, str]  # role ("base", "domain", "instruct") -> local folder
+    configs: Dict[str, Dict[str, Any]]  # role -> config.json contents
+    parameters: Dict[str, Dict[str, Any]]  # role -> the recipe's parameters for that model
+
+    def role_of(self, model: ModelReference) -> str:
+        return {self.base: "base", self.domain: "domain", self.instruct: "instruct"}[model]
+
+
+def _model_entries(config: MergeConfiguration) -> List[Tuple[ModelReference, Dict[str, Any]]]:
+    if config.modules:
+        raise RecipeError(f"{METHOD_NAME}: recipes with `modules:` are not supported; use `models:` or `slices:`")
+    if config.models:
+        return [(m.model, dict(m.parameters or {})) for m in config.models]
+    return [(src.model, dict(src.parameters or {})) for s in config.slices or [] for src in s.sources]
+
+
+def resolve_roles(config: MergeConfiguration) -> Tuple[ModelReference, Dict[str, ModelReference], Dict[str, Dict]]:
+    """Return (base, {role: model}, {role: parameters}) or raise RecipeError naming the models."""
+    if config.base_model is None:
+        raise RecipeError(f"{METHOD_NAME} needs `base_model:` (the pretrained model both others were trained from)")
+    if config.parameters and "role" in config.parameters:
+        raise RecipeError("`role` is set per model (under each model's `parameters:`), not in the top-level `parameters:`")
+    base = config.base_model
+    roles: Dict[str, List[ModelReference]] = {r: [] for r in ROLES}
+    params: Dict[str, Dict] = {"base": {}}
+    seen = set()
+    for model, parameters in _model_entries(config):
+        role = parameters.get("role")
+        if model == base:
+            if role is not None:
+                raise RecipeError(
+                    f"the base model {base} has `role: {role}`; the base has no role. Give `role: domain` to "
+                    "the continually pretrained model and `role: instruct` to the instruction-tuned one"
+                )
+            params["base"] = parameters
+            continue
+        if model in seen:
+            continue  # the same model in several slices
+        seen.add(model)
+        if role is None:
+            raise RecipeError(f"model {model} has no `role`; set `parameters: {{role: domain}}` or `{{role: instruct}}`")
+        if role not in ROLES:
+            raise RecipeError(f"model {model} has `role: {role!r}`; it must be 'domain' or 'instruct'")
+        roles[role].append(model)
+        params[role] = parameters
+    for role in ROLES:
+        if len(roles[role]) != 1:
+            given = ", ".join(str(m) for m in roles[role]) or "none"
+            raise RecipeError(f"{METHOD_NAME} needs exactly one model with `role: {role}`; got {given}")
+    return base, {r: roles[r][0] for r in ROLES}, params
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
+
+
+def local_folder(model: ModelReference, role: str, cache_dir: Optional[str] = None) -> str:
+    path = model.model.path
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise RecipeError(f"{role} model {path} is a file; a model is a folder with config.json and weights")
+    if _looks_local(path):
+        raise RecipeError(f"{role} model path {path} does not exist (relative paths are read from {os.getcwd()})")
+    try:  # a hub id: the same download mergekit itself would do
+        return model.local_path(cache_dir=cache_dir, ignore_lora=True)
+    except Exception as error:
+        raise RecipeError(
+            f"{role} model {path} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). Download it first or give a local path"
+        ) from error
+
+
+def read_config(folder: str, role: str) -> Dict[str, Any]:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise RecipeError(f"{role} model {folder} has no config.json")
+    with open(path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if not config.get("architectures"):
+        raise RecipeError(
+            f"{path} has no `architectures` field; mergekit cannot plan the merge without it. Add e.g. "
+            '"architectures": ["LlamaForCausalLM"] (save_pretrained of the model, not of the bare config, writes it)'
+        )
+    return config
+
+
+def weight_files(folder: str, role: str, allow_pickle: bool) -> List[str]:
+    safetensors = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if safetensors:
+        return safetensors
+    pickles = sorted(glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt")))
+    if pickles and not allow_pickle:
+        raise RecipeError(
+            f"{role} model {folder} has only pickled weights ({os.path.basename(pickles[0])}); loading a pickle can "
+            "run arbitrary code. Convert it to safetensors, or allow it explicitly with --allow-pickle "
+            "(finmerge merge) or FINMERGE_ALLOW_PICKLE=1 (mergekit-yaml)"
+        )
+    if not pickles:
+        raise RecipeError(f"{role} model {folder} has no weights (*.safetensors)")
+    return []  # pickles allowed: mergekit reads them, shapes are checked per tensor while merging
+
+
+def tensor_shapes(files: List[str]) -> Dict[str, Tuple[int, ...]]:
+    from safetensors import safe_open  # header only: no tensor data is read
+
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as handle:
+            for name in handle.keys():
+                shapes[name] = tuple(handle.get_slice(name).get_shape())
+    return shapes
+
+
+def _check_configs(configs: Dict[str, Dict], paths: Dict[str, str], tokenizer_configured: bool) -> None:
+    archs = {role: tuple(c["architectures"]) for role, c in configs.items()}
+    if len(set(archs.values())) > 1:
+        raise RecipeError(
+            "the three models have different architectures: "
+            + ", ".join(f"{role} {paths[role]}: {list(a)}" for role, a in archs.items())
+            + ". Task vectors only exist between checkpoints of the same architecture"
+        )
+    vocab = {role: c.get("vocab_size") for role, c in configs.items()}
+    if len(set(vocab.values())) > 1:
+        listed = ", ".join(f"{role} {v}" for role, v in vocab.items())
+        if not tokenizer_configured:
+            raise RecipeError(
+                f"vocabulary sizes differ ({listed}): embed_tokens and lm_head cannot be subtracted row by row. "
+                "Instruct models often add chat tokens. Tell mergekit how to align the vocabularies: add "
+                "`tokenizer: {source: <instruct model path>}` (or `tokenizer_source:`) to the recipe so it rebuilds "
+                "the embeddings for one vocabulary, or pass --unsafe-truncate-embeddings if the extra rows are padding"
+            )
+        LOG.warning("vocabulary sizes differ (%s); mergekit's tokenizer settings will align them", listed)
+    tied = {role: bool(c.get("tie_word_embeddings", False)) for role, c in configs.items()}
+    if len(set(tied.values())) > 1:
+        LOG.warning(
+            "tie_word_embeddings differs (%s); the output takes the base's config, check lm_head in the result",
+            ", ".join(f"{role} {t}" for role, t in tied.items()),
+        )
+
+
+def _check_shapes(shapes: Dict[str, Dict[str, Tuple[int, ...]]], paths: Dict[str, str], vocab_sizes: set) -> None:
+    for name, base_shape in shapes["base"].items():
+        others = {role: shapes[role].get(name) for role in ROLES}
+        for role, shape in others.items():
+            if shape is None or shape == base_shape:
+                continue
+            only_vocab = len(shape) == len(base_shape) and all(
+                a == b or (a in vocab_sizes and b in vocab_sizes) for a, b in zip(shape, base_shape)
+            )
+            if not only_vocab:
+                raise RecipeError(
+                    f"tensor {name} has shape {list(base_shape)} in the base ({paths['base']}) but "
+                    f"{list(shape)} in the {role} model ({paths[role]}); these checkpoints are not the same model size"
+                )
+
+
+def check_output_path(out_path: str, overwrite: bool) -> None:
+    if os.path.isfile(out_path):
+        raise RecipeError(f"output path {out_path} is a file; give a folder")
+    if os.path.isdir(out_path) and os.listdir(out_path) and not overwrite:
+        raise RecipeError(
+            f"output folder {out_path} exists and is not empty; choose another folder, or replace it with "
+            "--overwrite (finmerge merge) or FINMERGE_OVERWRITE=1 (mergekit-yaml)"
+        )
+
+
+def preflight(
+    config: MergeConfiguration,
+    out_path: str,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    cache_dir: Optional[str] = None,
+    unsafe_truncate_embeddings: bool = False,
+) -> MergeInputs:
+    """Validate a `domain_instruct` merge; return its resolved inputs or raise RecipeError."""
+    check_output_path(out_path, overwrite)
+    base, roles, parameters = resolve_roles(config)
+    models = {"base": base, **roles}
+    paths = {role: local_folder(model, role, cache_dir) for role, model in models.items()}
+    configs = {role: read_config(folder, role) for role, folder in paths.items()}
+    tokenizer_configured = bool(config.tokenizer or config.tokenizer_source or unsafe_truncate_embeddings)
+    _check_configs(configs, paths, tokenizer_configured)
+    files = {role: weight_files(folder, role, allow_pickle) for role, folder in paths.items()}
+    if all(files.values()):
+        vocab_sizes = {c.get("vocab_size") for c in configs.values()} if tokenizer_configured else set()
+        _check_shapes({role: tensor_shapes(f) for role, f in files.items()}, paths, vocab_sizes)
+    return MergeInputs(
+        base=base, domain=roles["domain"], instruct=roles["instruct"],
+        paths=paths, configs=configs, parameters=parameters,
+    )
