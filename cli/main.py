@@ -10,6 +10,7 @@ import click
 # name -> "module:attribute" of a click command
 COMMANDS = {
     "merge": "finmerge.cli.merge:merge",
+    "pretrain": "finmerge.cli.pretrain:pretrain",
 }
 
 
