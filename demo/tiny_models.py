@@ -6,7 +6,6 @@ end its turn with `<|end|>`, and a domain model = base nudged by a seeded pertur
 for continual pretraining). Used by the tests and by `finmerge demo` until the full world exists.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, List
@@ -79,7 +78,7 @@ def _save(model, tokenizer, path: str) -> str:
 def _chat_batch(tokenizer) -> List[List[int]]:
     return [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=True,
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}], tokenize=True, return_dict=False,
         )
         for q, a in CHATS
     ]
@@ -121,11 +120,11 @@ def build_tiny_family(root: str, seed: int = 0, instruct_steps: int = 60, domain
     paths = TinyFamily(*(os.path.join(root, n) for n in ("base", "instruct", "domain")))
     _save(base.to(dtype), tokenizer, paths.base)
 
-    instruct = LlamaForCausalLM.from_pretrained(paths.base, dtype=torch.float32)
-    _fine_tune_chat(instruct, tokenizer, steps=instruct_steps, lr=3e-3)
-    instruct_tok = train_tokenizer()
+    instruct_tok = train_tokenizer()  # same vocabulary; its own eos and chat template
     instruct_tok.eos_token = END
     instruct_tok.chat_template = CHAT_TEMPLATE
+    instruct = LlamaForCausalLM.from_pretrained(paths.base, dtype=torch.float32)
+    _fine_tune_chat(instruct, instruct_tok, steps=instruct_steps, lr=3e-3)
     end_id = instruct_tok.convert_tokens_to_ids(END)
     instruct.config.eos_token_id = end_id
     instruct.generation_config.eos_token_id = end_id
@@ -141,12 +140,9 @@ def build_tiny_family(root: str, seed: int = 0, instruct_steps: int = 60, domain
     return paths
 
 
-def write_recipe(path: str, family: TinyFamily, w_domain: float = 1.0, w_instruct: float = 1.0,
-                 dtype: str = "float32", **extra) -> str:
-    """Write a `domain_instruct` recipe for the family."""
-    import yaml
-
-    recipe = {
+def recipe(family: TinyFamily, w_domain=1.0, w_instruct=1.0, dtype: str = "float32", **extra) -> dict:
+    """A `domain_instruct` recipe (as a dict) merging the family."""
+    merge = {
         "merge_method": "domain_instruct",
         "base_model": family.base,
         "models": [
@@ -155,7 +151,14 @@ def write_recipe(path: str, family: TinyFamily, w_domain: float = 1.0, w_instruc
         ],
         "dtype": dtype,
     }
-    recipe.update(extra)
+    merge.update(extra)
+    return merge
+
+
+def write_recipe(path: str, family: TinyFamily, w_domain=1.0, w_instruct=1.0, dtype: str = "float32", **extra) -> str:
+    """Write `recipe(...)` as YAML to `path`."""
+    import yaml
+
     with open(path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(recipe, handle, sort_keys=False)
+        yaml.safe_dump(recipe(family, w_domain, w_instruct, dtype, **extra), handle, sort_keys=False)
     return path

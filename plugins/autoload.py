@@ -14,6 +14,8 @@ after `mergekit.merge` is imported, so they all see the wrapper. Set FINMERGE_NO
 switch the hook off (then call `finmerge.plugins.register()` yourself).
 """
 
+import functools
+import importlib
 import os
 import sys
 from importlib.machinery import PathFinder
@@ -23,13 +25,33 @@ _TARGETS = ("mergekit.merge_methods", "mergekit.merge")
 
 def _after_import(name: str) -> None:
     if name == "mergekit.merge_methods":
-        from finmerge.plugins.method import register_method
-
-        register_method()
+        # Importing the method module registers it; if that module is what is importing mergekit
+        # right now, it registers itself when it finishes.
+        method = importlib.import_module("finmerge.plugins.method")
+        if hasattr(method, "register_method"):
+            method.register_method()
     elif name == "mergekit.merge":
-        from finmerge.plugins.run import wrap_run_merge
-
         wrap_run_merge(sys.modules["mergekit.merge"])
+
+
+def wrap_run_merge(merge_module) -> None:
+    """Route `domain_instruct` merges through finmerge.plugins.run (idempotent)."""
+    original = merge_module.run_merge
+    if getattr(original, "__finmerge_wrapped__", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def run_merge(merge_config, out_path, options, config_source=None, **kwargs):
+        from finmerge.plugins import METHOD_NAME
+
+        if merge_config.merge_method != METHOD_NAME:
+            return original(merge_config, out_path, options=options, config_source=config_source, **kwargs)
+        from finmerge.plugins.run import run_domain_instruct
+
+        return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
+
+    run_merge.__finmerge_wrapped__ = original
+    merge_module.run_merge = run_merge
 
 
 def install_into_loaded_mergekit(force_import: bool = False) -> None:

@@ -76,15 +76,16 @@ def domain_instruct_merge(
     accumulator = stats.start_tensor(group.metadata.name, base.tensor.shape) if stats else None
     for start in range(0, flat_out.numel(), _CHUNK_ELEMENTS):
         stop = start + _CHUNK_ELEMENTS
-        b, d, i = (t[start:stop].to(compute) for t in flat)
-        tau_d, tau_i = d.sub_(b), i.sub_(b)  # reuse the cast buffers: scratch stays at 3 chunks
+        b = flat[0][start:stop].to(compute)
+        # copy=True: an fp32 input would otherwise be a view of the (borrowed) input, and sub_ would modify it
+        tau_d, tau_i = (t[start:stop].to(compute, copy=True).sub_(b) for t in flat[1:])
         merged = b.add(tau_d, alpha=w_d).add_(tau_i, alpha=w_i)
         if not torch.isfinite(merged).all():
             _raise_non_finite(group, zip((base, domain, instruct), (b, tau_d, tau_i)))
         if accumulator is not None:
             accumulator.update(b, tau_d, tau_i)
         flat_out[start:stop] = merged
-        del b, d, i, tau_d, tau_i, merged
+        del b, tau_d, tau_i, merged
     if accumulator is not None:
         stats.finish_tensor(accumulator)
     return out
@@ -96,3 +97,6 @@ def register_method() -> None:
 
     if not any(m.spec.name == METHOD_NAME for m in merge_methods.registered_methods()):
         merge_methods.register(domain_instruct_merge)
+
+
+register_method()  # importing the method makes it available by name

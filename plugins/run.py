@@ -6,7 +6,6 @@ leaves OUT as it was; the scratch folder is removed (or, after a hard kill, left
 says `partial`). Other merge methods pass straight through to mergekit.
 """
 
-import functools
 import logging
 import os
 import shutil
@@ -15,7 +14,6 @@ from typing import Any, Callable, Optional
 from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
 
-from finmerge.plugins import METHOD_NAME
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
 from finmerge.plugins.preflight import preflight
 
@@ -98,19 +96,3 @@ def run_domain_instruct(
         raise
     if not options.quiet:
         print(f"domain_instruct: wrote {os.path.abspath(out_path)}")
-
-
-def wrap_run_merge(merge_module: Any) -> None:
-    """Replace `mergekit.merge.run_merge` by a wrapper that handles `domain_instruct` (idempotent)."""
-    original = merge_module.run_merge
-    if getattr(original, "__finmerge_wrapped__", None) is not None:
-        return
-
-    @functools.wraps(original)
-    def run_merge(merge_config, out_path, options, config_source=None, **kwargs):
-        if merge_config.merge_method != METHOD_NAME:
-            return original(merge_config, out_path, options=options, config_source=config_source, **kwargs)
-        return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
-
-    run_merge.__finmerge_wrapped__ = original
-    merge_module.run_merge = run_merge

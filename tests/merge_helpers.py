@@ -1,0 +1,57 @@
+"""Shared helpers for the merge tests: run a recipe in-process, read a checkpoint's tensors."""
+
+import glob
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def run_merge(recipe: dict, out, **options) -> None:
+    """mergekit's own run_merge (wrapped by the finmerge import hook), in this process."""
+    import mergekit.merge
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(recipe)
+    mergekit.merge.run_merge(config, str(out), options=MergeOptions(quiet=True, **options))
+
+
+def tensors(folder) -> dict:
+    result = {}
+    for file in sorted(glob.glob(os.path.join(str(folder), "*.safetensors"))):
+        result.update(load_file(file))
+    return result
+
+
+def copy_model(source: str, destination, edit_tensors=None, edit_config=None) -> str:
+    """Copy a checkpoint folder, optionally changing its tensors or config.json."""
+    import json
+
+    destination = str(destination)
+    shutil.copytree(source, destination)
+    if edit_tensors:
+        path = os.path.join(destination, "model.safetensors")
+        state = load_file(path)
+        edit_tensors(state)
+        save_file(state, path, metadata={"format": "pt"})
+    if edit_config:
+        path = os.path.join(destination, "config.json")
+        with open(path) as handle:
+            config = json.load(handle)
+        edit_config(config)
+        with open(path, "w") as handle:
+            json.dump(config, handle)
+    return destination
+
+
+def expected_merge(family, w_d=1.0, w_i=1.0) -> dict:
+    base, domain, instruct = (tensors(p) for p in (family.base, family.domain, family.instruct))
+    return {k: base[k] + w_d * (domain[k] - base[k]) + w_i * (instruct[k] - base[k]) for k in base}
+
+
+def assert_close_state(actual: dict, expected: dict, atol: float = 1e-6) -> None:
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert torch.allclose(actual[name], expected[name], atol=atol, rtol=0), name

@@ -1,0 +1,153 @@
+"""The `domain_instruct` kernel on in-memory tensors, against independent computations."""
+
+import pytest
+import torch
+from mergekit.merge_methods import merge_state_dicts, merge_tensors
+
+from finmerge.plugins import method as method_module
+from finmerge.plugins.method import NonFiniteTensorError, domain_instruct_merge
+
+
+def _models(dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    base = {"embed.weight": rand(50, 8), "layers.0.q_proj.weight": rand(8, 8), "norm.weight": rand(8)}
+    domain = {k: v + 0.1 * rand(*v.shape) for k, v in base.items()}
+    instruct = {k: v + 0.1 * rand(*v.shape) for k, v in base.items()}
+    return {"base": base, "domain": domain, "instruct": instruct}
+
+
+ROLES = {"role": {"domain": "domain", "instruct": "instruct"}}
+
+
+def _merge(models, weights=None, **kwargs):
+    parameters = dict(ROLES)
+    if weights is not None:
+        parameters["weight"] = weights
+    return merge_state_dicts(models, domain_instruct_merge, parameters=parameters, base="base", **kwargs)
+
+
+def test_equals_task_arithmetic_at_unit_weights():
+    models = _models()
+    ours = _merge(models)
+    reference = merge_state_dicts(
+        models, "task_arithmetic", parameters={"weight": {"domain": 1.0, "instruct": 1.0}}, base="base"
+    )
+    for name in ours:
+        assert torch.allclose(ours[name], reference[name], atol=1e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("w_d,w_i", [(1.0, 1.0), (0.7, 1.3), (0.0, 1.0), (1.0, 0.0), (-0.5, 2.0)])
+def test_matches_formula(w_d, w_i):
+    models = _models()
+    ours = _merge(models, {"domain": w_d, "instruct": w_i})
+    for name, base in models["base"].items():
+        expected = base + w_d * (models["domain"][name] - base) + w_i * (models["instruct"][name] - base)
+        assert torch.allclose(ours[name], expected, atol=1e-6, rtol=0), name
+
+
+def test_model_order_does_not_matter():
+    models = _models()
+    reordered = {"instruct": models["instruct"], "base": models["base"], "domain": models["domain"]}
+    a, b = _merge(models, {"domain": 0.3, "instruct": 0.9}), _merge(reordered, {"domain": 0.3, "instruct": 0.9})
+    for name in a:
+        assert torch.equal(a[name], b[name])
+
+
+def test_fp64_inputs_are_computed_in_fp64():
+    models = _models(torch.float64)
+    ours = _merge(models, {"domain": 0.3, "instruct": 0.9})
+    for name, base in models["base"].items():
+        expected = base + 0.3 * (models["domain"][name] - base) + 0.9 * (models["instruct"][name] - base)
+        assert ours[name].dtype == torch.float64
+        assert torch.allclose(ours[name], expected, atol=1e-13, rtol=0)
+
+
+def test_bf16_inputs_computed_in_fp32_and_cast_back():
+    models = _models(torch.bfloat16)
+    ours = _merge(models, {"domain": 0.5, "instruct": 1.5})
+    for name, base in models["base"].items():
+        b, d, i = (m[name].float() for m in (models["base"], models["domain"], models["instruct"]))
+        expected = (b + 0.5 * (d - b) + 1.5 * (i - b)).to(torch.bfloat16)
+        assert ours[name].dtype == torch.bfloat16
+        assert torch.equal(ours[name], expected), name
+
+
+def test_chunked_result_equals_unchunked(monkeypatch):
+    models = _models()
+    whole = _merge(models, {"domain": 0.4, "instruct": 1.1})
+    monkeypatch.setattr(method_module, "_CHUNK_ELEMENTS", 7)  # not a divisor of any tensor size
+    chunked = _merge(models, {"domain": 0.4, "instruct": 1.1})
+    for name in whole:
+        assert torch.equal(whole[name], chunked[name]), name
+
+
+def test_non_contiguous_input():
+    base = torch.randn(6, 4)
+    domain, instruct = base + 1, base + 2
+    result = merge_tensors(
+        [base.t(), domain.t(), instruct.t()], domain_instruct_merge, ids=["b", "d", "i"], base_index=0,
+        parameters={"role": {"d": "domain", "i": "instruct"}},
+    )
+    assert torch.allclose(result, base.t() + 3)
+
+
+@pytest.mark.parametrize("which", ["base", "domain", "instruct"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_names_model_and_tensor(which, bad):
+    models = _models()
+    models[which]["layers.0.q_proj.weight"][3, 2] = bad
+    with pytest.raises(NonFiniteTensorError, match=rf"model {which} .*layers\.0\.q_proj\.weight"):
+        _merge(models)
+
+
+@pytest.mark.parametrize(
+    "roles,message",
+    [
+        ({"domain": "domain", "instruct": "domain"}, "exactly one model with role 'domain'"),
+        ({"domain": "instruct", "instruct": "instruct"}, "exactly one model with role 'domain'"),
+    ],
+)
+def test_roles_must_be_one_of_each(roles, message):
+    with pytest.raises(ValueError, match=message) as error:
+        merge_state_dicts(_models(), domain_instruct_merge, parameters={"role": roles}, base="base")
+    assert "domain: " in str(error.value) and "instruct: " in str(error.value)  # names the models
+
+
+def test_unknown_role_rejected_by_parameter_validation():
+    with pytest.raises(Exception, match="domain|instruct"):
+        merge_state_dicts(_models(), domain_instruct_merge,
+                          parameters={"role": {"domain": "domain", "instruct": "chat"}}, base="base")
+
+
+def test_needs_base_and_two_models():
+    models = _models()
+    with pytest.raises(ValueError, match="base"):
+        merge_state_dicts(models, domain_instruct_merge, parameters=ROLES)
+    del models["instruct"]
+    with pytest.raises(ValueError, match="2 non-base"):
+        merge_state_dicts(models, domain_instruct_merge, parameters={"role": {"domain": "domain"}}, base="base")
+
+
+def test_registered_by_name_and_idempotent():
+    from mergekit import merge_methods
+
+    import finmerge.plugins
+
+    finmerge.plugins.register()
+    finmerge.plugins.register()
+    names = [m.spec.name for m in merge_methods.registered_methods()]
+    assert names.count("domain_instruct") == 1
+    assert merge_methods.get("domain_instruct") is domain_instruct_merge
+
+
+def test_inputs_are_not_modified():
+    models = _models()
+    before = {role: {k: v.clone() for k, v in sd.items()} for role, sd in models.items()}
+    _merge(models, {"domain": 0.5, "instruct": 2.0})
+    for role, state_dict in models.items():
+        for name, tensor in state_dict.items():
+            assert torch.equal(tensor, before[role][name]), (role, name)
