@@ -9,6 +9,7 @@ import click
 
 # name -> "module:attribute" of a click command
 COMMANDS = {
+    "demo": "finmerge.cli.demo:demo",
     "merge": "finmerge.cli.merge:merge",
     "pretrain": "finmerge.cli.pretrain:pretrain",
 }
