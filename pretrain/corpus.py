@@ -382,7 +382,7 @@ class Cleaner:
 
 # --- near-duplicates: MinHash + LSH ---------------------------------------------------------------
 
-_PRIME = (1 << 61) - 1
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def shingles(text: str, size: int) -> set:
@@ -412,7 +412,10 @@ def lsh_bands(threshold: float, num_perm: int) -> Tuple[int, int]:
 
 
 class NearDuplicateIndex:
-    """MinHash signatures (128 universal hashes of crc32 shingle hashes, mod 2^61-1) in LSH buckets.
+    """MinHash signatures in LSH buckets. Each of the 128 hash functions is the splitmix64 finalizer of
+    (crc32 of the shingle) XOR a random 64-bit seed: a strong mixer, so the 128 minima are close to
+    independent. (A linear `a*x+b mod p` with small a is nearly monotone in x, and its minima all
+    pick the same shingles: estimates were off by 0.3.)
 
     A document is a near-duplicate when some earlier document shares an LSH band with it and the
     share of equal signature entries (the MinHash estimate of Jaccard) is >= threshold.
@@ -426,9 +429,7 @@ class NearDuplicateIndex:
         self.shingle_size = shingle_size
         self.num_perm = num_perm
         rng = np.random.default_rng(seed)
-        # a, b < 2^32 and shingle hashes < 2^32, so a*x + b < 2^64: exact in uint64 before the modulus.
-        self.a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+        self.seeds = rng.integers(0, 2 ** 64 - 1, size=num_perm, dtype=np.uint64, endpoint=True)
         self.bands, self.rows = lsh_bands(threshold, num_perm)
         self.buckets: List[Dict[bytes, List[int]]] = [dict() for _ in range(self.bands)]
         self.signatures: List = []
@@ -436,8 +437,12 @@ class NearDuplicateIndex:
     def signature(self, text: str):
         np = self.np
         hashed = np.fromiter((zlib.crc32(s.encode("utf-8")) for s in shingles(text, self.shingle_size)), dtype=np.uint64)
-        values = (hashed[:, None] * self.a[None, :] + self.b[None, :]) % np.uint64(_PRIME)
-        return values.min(axis=0).astype(np.uint32)
+        z = hashed[:, None] ^ self.seeds[None, :]
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps modulo 2^64, as splitmix64 intends
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+            z = z ^ (z >> np.uint64(31))
+        return (z.min(axis=0) >> np.uint64(32)).astype(np.uint32)
 
     def similarity(self, first, second) -> float:
         return float((first == second).mean())
