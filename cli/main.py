@@ -10,6 +10,7 @@ import click
 # name -> "module:attribute" of a click command
 COMMANDS = {
     "demo": "finmerge.cli.demo:demo",
+    "eval": "finmerge.cli.eval:eval_command",
     "merge": "finmerge.cli.merge:merge",
     "pretrain": "finmerge.cli.pretrain:pretrain",
 }

@@ -1,0 +1,51 @@
+"""`finmerge eval MODEL...`: the same held-out data through several checkpoints, one table."""
+
+import os
+
+import click
+
+
+def _label_path(value: str):
+    label, sep, path = value.partition("=")
+    return (label, path) if sep and not os.path.isdir(value) else (os.path.basename(os.path.normpath(value)), value)
+
+
+@click.command("eval")
+@click.argument("models", nargs=-1, required=True)
+@click.option("--text", type=click.Path(), help="Held-out domain text (.txt, documents separated by blank lines, or .jsonl with 'text') for perplexity.")
+@click.option("--qa", multiple=True, metavar="[NAME=]FILE",
+              help="JSONL of chat questions {question, answer[, choices]}; repeatable, e.g. --qa finance=fin.jsonl.")
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), help="Write the results as JSON here.")
+@click.option("--max-len", default=512, show_default=True, help="Window length (tokens) for perplexity.")
+@click.option("--max-new-tokens", default=32, show_default=True, help="Answer length limit for greedy chat answers.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--no-generate", is_flag=True, help="Skip greedy generation (likelihood metrics only).")
+@click.option("--chat-template-from", type=click.Path(), help="Model whose chat template is used for models without one (default: the first model that has one).")
+@click.option("--threads", type=int, help="torch threads (default: torch's choice).")
+@click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model repositories (off by default).")
+def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, threads, trust_remote_code):
+    """Evaluate MODELS (folders, optionally LABEL=FOLDER) on held-out text and chat QA.
+
+    Prints one table (Markdown) and, with --out, writes the numbers as JSON.
+    """
+    import torch
+
+    from finmerge.evaluation.data import EvalDataError
+    from finmerge.evaluation.run import EvalSettings, ModelLoadError, evaluate, markdown_table, write_results
+
+    if not text and not qa:
+        raise click.UsageError("give --text and/or --qa")
+    if threads:
+        torch.set_num_threads(threads)
+    qa_sets = dict(_label_path(v) if "=" in v else (os.path.splitext(os.path.basename(v))[0], v) for v in qa)
+    settings = EvalSettings(text=text, qa=qa_sets, max_len=max_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            chat_template_from=chat_template_from, trust_remote_code=trust_remote_code, generate=not no_generate)
+    try:
+        results = evaluate(dict(_label_path(m) for m in models), settings,
+                           progress=lambda label: click.echo(f"evaluated {label}", err=True))
+    except (EvalDataError, ModelLoadError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(markdown_table(results))
+    if out_json:
+        write_results(results, out_json)
+        click.echo(f"results: {out_json}")

@@ -1,0 +1,1 @@
+"""Evaluation of checkpoints: held-out domain perplexity and chat-format QA (generation and likelihood)."""

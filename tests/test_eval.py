@@ -1,0 +1,121 @@
+"""`finmerge eval`: metrics against direct computations with the model's own loss, and bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finmerge.demo.tiny_models import CHATS
+from finmerge.evaluation import metrics
+from finmerge.evaluation.data import EvalDataError, QAItem, load_qa
+from finmerge.evaluation.run import EvalSettings, ModelLoadError, evaluate, load_model
+
+
+@pytest.fixture(scope="module")
+def instruct(tiny_family):
+    return load_model(tiny_family.instruct)
+
+
+def _loss_sum(model, ids, start):
+    """Σ −log p(ids[t] | ids[<t]) for t ≥ start, from transformers' own loss (the oracle)."""
+    labels = torch.tensor([ids])
+    labels[0, :start] = -100
+    with torch.no_grad():
+        loss = model(input_ids=torch.tensor([ids]), labels=labels).loss.item()
+    return loss * (len(ids) - start)
+
+
+def test_perplexity_is_token_weighted_and_matches_model_loss(instruct):
+    model, tokenizer = instruct
+    texts = ["The ticker of Aurora Bank is ARB.", "A bond pays a coupon. The yield of a bond falls when its price rises."]
+    rows = metrics.encode_documents(tokenizer, texts, max_len=512)
+    expected = sum(_loss_sum(model, r, 1) for r in rows) / sum(len(r) - 1 for r in rows)
+    result = metrics.perplexity(model, rows, batch_size=2)  # padded batch: padding must not count
+    assert result["tokens"] == sum(len(r) - 1 for r in rows)
+    assert math.isclose(result["perplexity"], math.exp(expected), rel_tol=1e-4)
+
+
+def test_windows_cover_long_documents(instruct):
+    _, tokenizer = instruct
+    text = " ".join(["A bond pays a coupon."] * 20)
+    rows = metrics.encode_documents(tokenizer, [text], max_len=16)
+    assert all(len(r) <= 16 for r in rows)
+    assert sum(rows, []) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_likelihood_matches_model_loss(instruct):
+    model, tokenizer = instruct
+    items = [QAItem(q, a, choices=("ARB.", "Tane.", "Oskar.", "A coupon.")) for q, a in CHATS]
+    result = metrics.chat_likelihood(model, tokenizer, items, batch_size=3)
+    nll, count, correct = 0.0, 0, 0
+    for item in items:
+        prompt = metrics.chat_prompt_ids(tokenizer, item.question)
+        answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
+        nll += _loss_sum(model, prompt + answer, len(prompt))
+        count += len(answer)
+        scores = [-_loss_sum(model, prompt + tokenizer(c, add_special_tokens=False)["input_ids"], len(prompt)) for c in item.choices]
+        correct += item.choices[scores.index(max(scores))] == item.answer
+    assert math.isclose(result["answer_nll"], nll / count, rel_tol=1e-4)
+    assert result["choice_accuracy"] == correct / len(items)
+
+
+def test_generation_of_the_tiny_instruct_model(instruct):
+    model, tokenizer = instruct
+    result = metrics.chat_generation(model, tokenizer, [QAItem(q, a) for q, a in CHATS], batch_size=3)
+    assert result["accuracy"] == 1.0 and result["ends_with_eos"] == 1.0 and result["strict"] == 1.0
+    assert all(sample["answer"].strip() == dict(CHATS)[sample["question"]] for sample in result["samples"])
+
+
+def test_base_without_template_borrows_one_and_never_ends_with_instruct_eos(tiny_family, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in CHATS))
+    results = evaluate({"base": tiny_family.base, "instruct": tiny_family.instruct}, EvalSettings(qa={"chat": str(qa)}))
+    assert results["base"]["chat_template_from"] == tiny_family.instruct
+    assert results["instruct"]["chat"]["accuracy"] == 1.0
+    assert results["base"]["chat"]["strict"] < 1.0
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "q", "answer": "a"', r"qa\.jsonl:2: not valid JSON"),
+    ('["q", "a"]', r"qa\.jsonl:2: expected a JSON object"),
+    ('{"question": "", "answer": "a"}', r"qa\.jsonl:2: 'question' is missing"),
+    ('{"question": "q", "answer": "c", "choices": ["a", "b"]}', r"qa\.jsonl:2: 'answer' 'c' is not one of the choices"),
+    ('{"question": "q", "answer": "a", "choices": ["a"]}', r"qa\.jsonl:2: 'choices' must be a list of at least two"),
+])
+def test_malformed_qa_line_is_named(tmp_path, line, message):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n' + line + "\n")
+    with pytest.raises(EvalDataError, match=message):
+        load_qa(str(path))
+
+
+def test_unloadable_model_is_named(tmp_path, tiny_family):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=rf"cannot load model {broken}"):
+        evaluate({"broken": str(broken)}, EvalSettings(text=__file__))
+    with pytest.raises(ModelLoadError, match="not found: /nonexistent"):
+        evaluate({"x": "/nonexistent"}, EvalSettings(text=__file__))
+
+
+def test_cli_prints_one_table_for_several_models(tiny_family, tmp_path):
+    qa = tmp_path / "fin.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": a, "choices": ["ARB.", "Tane."] if a in ("ARB.", "Tane.") else [a, "ARB."]}) for q, a in CHATS))
+    text = tmp_path / "held.txt"
+    text.write_text("The ticker of Aurora Bank is ARB.\n\nA bond pays a coupon.\n")
+    finmerge = os.path.join(os.path.dirname(sys.executable), "finmerge")
+    result = subprocess.run([finmerge, "eval", f"b={tiny_family.base}", tiny_family.instruct, "--text", str(text),
+                             "--qa", f"finance={qa}", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = [l for l in result.stdout.splitlines() if l.startswith("|")]
+    assert lines[0].startswith("| model | domain ppl | finance MC acc (loglik)")
+    assert [l.split("|")[1].strip() for l in lines[2:]] == ["b", "instruct"]
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["instruct"]["finance"]["accuracy"] == 1.0 and saved["b"]["domain"]["perplexity"] > 1
+    bad = subprocess.run([finmerge, "eval", tiny_family.base, "--qa", str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "missing.jsonl does not exist" in bad.stderr and "Traceback" not in bad.stderr
