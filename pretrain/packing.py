@@ -165,7 +165,8 @@ def check_isolation(model, eos_id: int, vocab_size: int, atol: float = 1e-4) -> 
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        alone = model(input_ids=second[None].to(device)).logits[0].float()
-        together = model(input_ids=packed.to(device), position_ids=positions.to(device)).logits[0, len(first):].float()
+        alone = model(input_ids=second[None].to(device), use_cache=False).logits[0].float()
+        together = model(input_ids=packed.to(device), position_ids=positions.to(device),
+                         use_cache=False).logits[0, len(first):].float()
     model.train(was_training)
     return float((alone - together).abs().max())
