@@ -83,6 +83,38 @@ def resolve_roles(config: MergeConfiguration) -> Tuple[ModelReference, Dict[str,
     return base, {r: roles[r][0] for r in ROLES}, params
 
 
+def _check_value(spec, value, where: str) -> None:
+    """A parameter value, or mergekit's per-module form [{filter, value}, ...] / per-depth list."""
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        item = getattr(item, "value", item)  # mergekit parsed {filter, value} into a ConditionalParameter
+        try:
+            spec.validate(item)
+        except Exception as error:
+            message = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+            raise RecipeError(f"{where}: invalid value {item!r} ({message})") from None
+
+
+def check_parameters(config: MergeConfiguration) -> None:
+    """Every parameter name and value in the recipe against the method's own parameter specs.
+
+    mergekit ignores parameter names a method does not declare, so `wieght: 0.5` would silently
+    merge at weight 1.0; here it is an error.
+    """
+    from finmerge.plugins.method import domain_instruct_merge
+
+    specs = {p.name: p for p in domain_instruct_merge.spec.parameters}
+    sources = [("top-level parameters", config.parameters or {})]
+    sources += [(f"parameters of {model}", params) for model, params in _model_entries(config)]
+    for where, params in sources:
+        for name, value in params.items():
+            if name not in specs:
+                raise RecipeError(f"{where}: unknown parameter `{name}` for {METHOD_NAME} (known: {', '.join(specs)})")
+            if name == "role" and not isinstance(value, str):
+                raise RecipeError(f"{where}: `role` is one string per model ('domain' or 'instruct'), not {value!r}")
+            _check_value(specs[name], value, f"{where}: `{name}`")
+
+
 def _looks_local(path: str) -> bool:
     return path.startswith(("/", ".", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
 
@@ -210,6 +242,7 @@ def preflight(
     """Validate a `domain_instruct` merge; return its resolved inputs or raise RecipeError."""
     check_output_path(out_path, overwrite)
     base, roles, parameters = resolve_roles(config)
+    check_parameters(config)
     models = {"base": base, **roles}
     paths = {role: local_folder(model, role, cache_dir) for role, model in models.items()}
     configs = {role: read_config(folder, role) for role, folder in paths.items()}
