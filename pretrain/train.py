@@ -280,6 +280,7 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
     replay = resolve_sources(config.replay_data, "replay-data") if config.replay_data else []
     run = {"settings": config.to_dict(), "data": source_identity(domain, config),
            "replay": source_identity(replay, config), "model": model_identity(config.model)}
+    run = json.loads(json.dumps(run))  # compare like with like: as it reads back from run.json
     run["fingerprint"] = fingerprint(config, run["data"] + [{"replay": run["replay"]}], run["model"])
     output = config.output
     state = inspect_output(output, run)
@@ -340,10 +341,14 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
         if args.process_index == 0:
             os.makedirs(output, exist_ok=True)
             _write_json(os.path.join(output, RUN_FILE), run)
-            report = load_report(data_dir)
-            if report is None:
+            if load_report(data_dir) is None:
                 shutil.rmtree(data_dir, ignore_errors=True)
-                report = build_blocks(config, tokenizer, domain, replay, data_dir)
+                try:
+                    build_blocks(config, tokenizer, domain, replay, data_dir)
+                except BaseException:
+                    if state == "fresh":  # leave no half-made run behind that would block the corrected rerun
+                        shutil.rmtree(output, ignore_errors=True)
+                    raise
         report = load_report(data_dir)
     if report is None:
         raise PretrainError(f"{data_dir}: the packed corpus is missing (process 0 failed to write it).")
