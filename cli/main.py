@@ -10,6 +10,7 @@ import click
 # name -> "module:attribute" of a click command
 COMMANDS = {
     "demo": "finmerge.cli.demo:demo",
+    "diagnose": "finmerge.cli.diagnose:diagnose",
     "eval": "finmerge.cli.eval:eval_command",
     "merge": "finmerge.cli.merge:merge",
     "pretrain": "finmerge.cli.pretrain:pretrain",

@@ -19,13 +19,13 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.easy_define import merge_method
 
 from finmerge.plugins import METHOD_NAME
-from finmerge.plugins.collector import active_collector
+from finmerge.plugins.collector import CHUNK_ELEMENTS, active_collector
 
 Role = Literal["domain", "instruct"]
 ROLES: Tuple[Role, ...] = ("domain", "instruct")
 
-# fp32 scratch per chunk stays ~4 × 64 MiB however large the tensor (a 150k × 5k embedding is 750M).
-_CHUNK_ELEMENTS = 16 * 1024 * 1024
+# fp32 scratch stays 4 chunks however large the tensor (a 150k × 5k embedding is 750M entries)
+_CHUNK_ELEMENTS = CHUNK_ELEMENTS
 
 
 class NonFiniteTensorError(ValueError):
@@ -74,18 +74,22 @@ def domain_instruct_merge(
     flat = [e.tensor.reshape(-1) for e in (base, domain, instruct)]
     stats = active_collector()
     accumulator = stats.start_tensor(group.metadata.name, base.tensor.shape) if stats else None
-    for start in range(0, flat_out.numel(), _CHUNK_ELEMENTS):
-        stop = start + _CHUNK_ELEMENTS
-        b = flat[0][start:stop].to(compute)
-        # copy=True: an fp32 input would otherwise be a view of the (borrowed) input, and sub_ would modify it
-        tau_d, tau_i = (t[start:stop].to(compute, copy=True).sub_(b) for t in flat[1:])
-        merged = b.add(tau_d, alpha=w_d).add_(tau_i, alpha=w_i)
-        if not torch.isfinite(merged).all():
+    numel = flat_out.numel()
+    # four scratch buffers reused for every chunk: no allocation (page faults) per chunk
+    scratch = [torch.empty(min(numel, _CHUNK_ELEMENTS), dtype=compute, device=out.device) for _ in range(4)]
+    for start in range(0, numel, _CHUNK_ELEMENTS):
+        stop = min(start + _CHUNK_ELEMENTS, numel)
+        b, tau_d, tau_i, merged = (s[: stop - start] for s in scratch)
+        b.copy_(flat[0][start:stop])  # copies: the inputs are borrowed and must not change
+        tau_d.copy_(flat[1][start:stop]).sub_(b)
+        tau_i.copy_(flat[2][start:stop]).sub_(b)
+        torch.add(b, tau_d, alpha=w_d, out=merged).add_(tau_i, alpha=w_i)
+        # NaN/Inf anywhere makes the sum non-finite; the sum is one cheap read, isfinite(...).all() is not
+        if not torch.isfinite(merged.sum()) and not torch.isfinite(merged).all():
             _raise_non_finite(group, zip((base, domain, instruct), (b, tau_d, tau_i)))
+        flat_out[start:stop].copy_(merged)
         if accumulator is not None:
-            accumulator.update(b, tau_d, tau_i)
-        flat_out[start:stop] = merged
-        del b, tau_d, tau_i, merged
+            accumulator.update(b, tau_d, tau_i, scratch=merged)
     if accumulator is not None:
         stats.finish_tensor(accumulator)
     return out

@@ -6,16 +6,19 @@ leaves OUT as it was; the scratch folder is removed (or, after a hard kill, left
 says `partial`). Other merge methods pass straight through to mergekit.
 """
 
+import contextlib
+import json
 import logging
 import os
 import shutil
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
 
+from finmerge.plugins.collector import collecting
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
-from finmerge.plugins.preflight import preflight
+from finmerge.plugins.preflight import MergeInputs, preflight
 
 LOG = logging.getLogger(__name__)
 _TRUE = ("1", "true", "yes")
@@ -61,6 +64,22 @@ def _move_into_place(scratch: str, out_path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_diagnostics(folder: str, collector: Any, inputs: MergeInputs) -> Optional[Any]:
+    """The independence report into the merge's folder; a failure here must not cost the merge."""
+    from finmerge.plugins.diagnostics.report import write_report
+
+    models = {role: str(getattr(inputs, role)) for role in ("base", "domain", "instruct")}
+    # per-module weight lists are plain data, but make sure they serialize
+    weights: Dict[str, Any] = json.loads(json.dumps(
+        {role: inputs.parameters[role].get("weight", 1.0) for role in ("domain", "instruct")}, default=str))
+    try:
+        return write_report(folder, collector, models, source="merge", weights=weights)
+    except Exception:
+        LOG.exception("the merge is complete but its diagnostics report could not be written; "
+                      "`finmerge diagnose` computes it from the three checkpoints")
+        return None
+
+
 def run_domain_instruct(
     original_run_merge: Callable[..., Any],
     merge_config: MergeConfiguration,
@@ -83,16 +102,26 @@ def run_domain_instruct(
     scratch = _scratch_path(out_path)
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
+    collector = None
+    if not _env_flag("FINMERGE_NO_DIAGNOSTICS"):
+        from finmerge.plugins.diagnostics import StatsCollector
+
+        collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
     try:
-        original_run_merge(merge_config, scratch, options=options, config_source=config_source)
+        with collecting(collector) if collector else contextlib.nullcontext():
+            original_run_merge(merge_config, scratch, options=options, config_source=config_source)
         ids = finish_instruct_output(scratch, inputs, merge_config, trust_remote_code=options.trust_remote_code)
+        report = _write_diagnostics(scratch, collector, inputs) if collector else None
         if options.write_model_card:
             card = generate_card(config=merge_config, config_yaml=config_source, name=os.path.basename(os.path.abspath(out_path)))
+            extra = report.card_section() if report else None
             with open(os.path.join(scratch, "README.md"), "w", encoding="utf-8") as handle:
-                handle.write(card + card_section(inputs, ids))
+                handle.write(card + card_section(inputs, ids, extra=extra))
         _move_into_place(scratch, out_path)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     if not options.quiet:
         print(f"domain_instruct: wrote {os.path.abspath(out_path)}")
+        if report:
+            print(f"diagnostics: {report.verdict}")

@@ -1,0 +1,66 @@
+"""The layer × module-type cosine heatmap as a PNG (needs matplotlib: the `plots` extra).
+
+Drawn with matplotlib's object API and the Agg canvas, never pyplot: no global backend is switched
+and no GUI is touched, so it is safe inside a merge running in any process or thread.
+"""
+
+import logging
+from typing import List, Optional, Tuple
+
+from finmerge.plugins.diagnostics.aggregate import Aggregates
+from finmerge.plugins.diagnostics.render import layer_label
+
+LOG = logging.getLogger(__name__)
+MISSING = "matplotlib is not installed (pip install 'finmerge[plots]')"
+
+
+def cosine_grid(agg: Aggregates) -> Tuple[List[str], List[str], List[List[Optional[float]]]]:
+    layers = list(agg.by_layer) + ([None] if agg.has_non_layer else [])
+    modules = agg.module_types
+    grid = [[None if agg.cell(l, m) is None else agg.cell(l, m).cos for m in modules] for l in layers]
+    return [layer_label(l) for l in layers], modules, grid
+
+
+def draw_heatmap(agg: Aggregates, path: str) -> Optional[str]:
+    """Write the PNG; return None, or why it was not drawn (matplotlib missing: not an error)."""
+    try:
+        import numpy as np
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import TwoSlopeNorm
+        from matplotlib.figure import Figure
+    except ImportError:
+        LOG.warning("diagnostics heatmap not drawn: %s; diagnostics.md has the same numbers", MISSING)
+        return MISSING
+    rows, columns, grid = cosine_grid(agg)
+    if not rows or not columns:
+        return "no tensors were measured"
+    values = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in r] for r in grid], dtype=float))
+    # symmetric scale around 0 sized to the data: cosines near 0 must still show their structure
+    limit = max(0.05, float(np.abs(values).max()) if values.count() else 0.05)
+    figure = Figure(figsize=(1.0 + 0.75 * len(columns), 1.5 + 0.28 * len(rows)), dpi=110)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    cmap = _colormap()
+    image = axes.imshow(values, cmap=cmap, norm=TwoSlopeNorm(0.0, -limit, limit), aspect="auto", interpolation="nearest")
+    axes.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    axes.set_yticks(range(len(rows)), rows, fontsize=8 if len(rows) <= 48 else 5)
+    axes.set_xlabel("module type")
+    axes.set_ylabel("layer")
+    axes.set_title("cos(τ_d, τ_i) per layer and module type\n(grey: undefined or absent)", fontsize=10)
+    if len(rows) <= 48:  # numbers stay legible
+        for y, line in enumerate(grid):
+            for x, v in enumerate(line):
+                if v is not None:
+                    axes.text(x, y, f"{v:+.2f}", ha="center", va="center", fontsize=6)
+    figure.colorbar(image, ax=axes, label="cosine")
+    figure.tight_layout()
+    figure.savefig(path)
+    return None
+
+
+def _colormap():
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdBu_r"].copy()
+    cmap.set_bad("lightgrey")
+    return cmap

@@ -1,0 +1,125 @@
+"""Write the diagnostics report files into a folder: diagnostics.json, diagnostics.md and a PNG.
+
+The JSON layout is documented in the README ("Independence diagnostics"); SCHEMA names its version.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Dict, List, Optional
+
+from finmerge.plugins.diagnostics.aggregate import Aggregates
+from finmerge.plugins.diagnostics.heatmap import draw_heatmap
+from finmerge.plugins.diagnostics.render import card_section, cosine_matrix, fmt, table, verdict
+from finmerge.plugins.diagnostics.stats import StatsCollector
+
+SCHEMA = "finmerge.diagnostics/1"
+JSON_NAME, MD_NAME, PNG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.png"
+TOP_TENSORS = 10
+
+
+@dataclass
+class Report:
+    aggregates: Aggregates
+    data: Dict[str, Any]  # exactly what diagnostics.json holds
+    heatmap: Optional[str]  # file name, or None when not drawn
+
+    @property
+    def verdict(self) -> str:
+        return self.data["verdict"]
+
+    def card_section(self) -> str:
+        return card_section(self.aggregates, self.heatmap)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("finmerge")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_data(agg: Aggregates, skipped: Dict[str, str], models: Dict[str, str], source: str,
+               weights: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "finmerge_version": _version(),
+        "source": source,
+        "models": dict(models),
+        "weights": weights,
+        "verdict": verdict(agg),
+        "overall": agg.overall.as_dict(),
+        "by_module": [{"module": m, **s.as_dict()} for m, s in agg.by_module.items()],
+        "by_layer": [{"layer": l, **s.as_dict()} for l, s in agg.by_layer.items()],
+        "cells": [{"layer": l, "module": m, **agg.cells[(l, m)].as_dict()}
+                  for l in [*agg.by_layer, None] for m in agg.by_module if (l, m) in agg.cells],
+        "tensors": [{"name": t.name, "shape": list(t.shape), "layer": t.layer, "module": t.module, **t.sums.as_dict()}
+                    for t in agg.tensors],
+        "skipped": [{"name": name, "reason": reason} for name, reason in skipped.items()],
+        "heatmap": None,
+    }
+
+
+def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str]) -> str:
+    models = data["models"]
+    lines = [
+        "# Independence diagnostics: domain vs instruction task vector",
+        "",
+        f"**{data['verdict']}**",
+        "",
+        f"τ_d = domain − base, τ_i = instruct − base; base `{models.get('base')}`, domain `{models.get('domain')}`, "
+        f"instruct `{models.get('instruct')}`. Measured {'during the merge' if data['source'] == 'merge' else 'by finmerge diagnose'}.",
+        "",
+        "Cosines of groups come from summed statistics (Σ τ_d·τ_i / √(Σ‖τ_d‖²·Σ‖τ_i‖²)), never from averaging "
+        "cosines. *random ±* is the spread (1/√n) of the cosine between two random directions with as many "
+        f"entries: a cosine within a few of those is indistinguishable from chance. {fmt(None, '')} = undefined "
+        "(a zero task vector has no direction; a zero base has no relative size). *same sign*: share of entries "
+        "where both vectors are non-zero and agree in sign (50% for independent signs).",
+        "",
+        "## Overall",
+        "",
+        *table("", [("all", agg.overall)]),
+        "",
+        "## By module type",
+        "",
+        *table("module", list(agg.by_module.items())),
+        "",
+        "## By layer",
+        "",
+        *table("layer", [(str(l), s) for l, s in agg.by_layer.items()]),
+        "",
+        "## Cosine by layer × module type",
+        "",
+        *cosine_matrix(agg),
+        "",
+        f"![cosine heatmap]({PNG_NAME})" if heatmap_note is None else f"Heatmap not drawn: {heatmap_note}.",
+        "",
+    ]
+    ranked = sorted((t for t in agg.tensors if t.sums.cos is not None), key=lambda t: -abs(t.sums.cos))
+    if ranked:
+        lines += [f"## Tensors with the largest |cos| (all {len(agg.tensors)} in {JSON_NAME})", "",
+                  *table("tensor", [(f"`{t.name}`", t.sums) for t in ranked[:TOP_TENSORS]]), ""]
+    undefined = [t.name for t in agg.tensors if t.sums.cos is None]
+    if undefined:
+        lines += [f"Cosine undefined (a zero task vector) in {len(undefined)} tensor(s): "
+                  + ", ".join(f"`{n}`" for n in undefined[:TOP_TENSORS]) + (" …" if len(undefined) > TOP_TENSORS else ""), ""]
+    if data["skipped"]:
+        lines += ["## Not measured", "", *[f"- `{s['name']}`: {s['reason']}" for s in data["skipped"]], ""]
+    return "\n".join(lines)
+
+
+def write_report(folder: str, collector: StatsCollector, models: Dict[str, str], source: str,
+                 weights: Optional[Dict[str, Any]] = None) -> Report:
+    """Write diagnostics.json, diagnostics.md and (with matplotlib) diagnostics.png into `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    agg = Aggregates(collector.tensors())
+    data = build_data(agg, collector.skipped(), models, source, weights)
+    note = draw_heatmap(agg, os.path.join(folder, PNG_NAME)) if agg.tensors else "no tensors were measured"
+    data["heatmap"] = PNG_NAME if note is None else None
+    with open(os.path.join(folder, JSON_NAME), "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, allow_nan=False, ensure_ascii=False)  # undefined values are null, never NaN
+        handle.write("\n")
+    with open(os.path.join(folder, MD_NAME), "w", encoding="utf-8") as handle:
+        handle.write(markdown(agg, data, note))
+    return Report(agg, data, data["heatmap"])
