@@ -61,7 +61,9 @@ def build_blocks(config: PretrainConfig, tokenizer, domain: List[Source], replay
     held_out = deque()  # flags of texts handed to the tokenizer, in order, not yet seen back as ids
 
     def route() -> Iterator[str]:
-        for text, digest in domain_texts:
+        from tqdm.auto import tqdm
+
+        for text, digest in tqdm(domain_texts, desc="cleaning and packing", unit=" docs", mininterval=2.0):
             held_out.append(holdout_fraction(digest) < config.eval_fraction)
             yield text
 

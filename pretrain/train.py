@@ -408,6 +408,9 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
             "heldout_before": before,
             "heldout_after": after,
             "heldout_blocks": len(eval_blocks),
+            "heldout_note": None if before else (
+                "no held-out block: the held-out documents hold fewer than seq_len tokens (raise eval_fraction)"
+                if config.eval_fraction > 0 else "eval_fraction is 0"),
             "data": report,
             "config": {k: v for k, v in config.to_dict().items()},
             "fingerprint": run["fingerprint"],
