@@ -21,9 +21,10 @@ def _label_path(value: str):
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--no-generate", is_flag=True, help="Skip greedy generation (likelihood metrics only).")
 @click.option("--chat-template-from", type=click.Path(), help="Model whose chat template is used for models without one (default: the first model that has one).")
+@click.option("--turn-end", help="Token that must end a chat answer, e.g. '<|im_end|>' (default: each model's own eos).")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice).")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model repositories (off by default).")
-def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, threads, trust_remote_code):
+def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, turn_end, threads, trust_remote_code):
     """Evaluate MODELS (folders, optionally LABEL=FOLDER) on held-out text and chat QA.
 
     Prints one table (Markdown) and, with --out, writes the numbers as JSON.
@@ -39,7 +40,8 @@ def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size
         torch.set_num_threads(threads)
     qa_sets = dict(_label_path(v) if "=" in v else (os.path.splitext(os.path.basename(v))[0], v) for v in qa)
     settings = EvalSettings(text=text, qa=qa_sets, max_len=max_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            chat_template_from=chat_template_from, trust_remote_code=trust_remote_code, generate=not no_generate)
+                            chat_template_from=chat_template_from, trust_remote_code=trust_remote_code, generate=not no_generate,
+                            turn_end=turn_end)
     try:
         results = evaluate(dict(_label_path(m) for m in models), settings,
                            progress=lambda label: click.echo(f"evaluated {label}", err=True))

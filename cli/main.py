@@ -14,6 +14,8 @@ COMMANDS = {
     "eval": "finmerge.cli.eval:eval_command",
     "merge": "finmerge.cli.merge:merge",
     "pretrain": "finmerge.cli.pretrain:pretrain",
+    "reproduce": "finmerge.cli.reproduce:reproduce",
+    "sweep": "finmerge.cli.sweep:sweep",
 }
 
 

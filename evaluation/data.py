@@ -2,7 +2,8 @@
 
 QA lines are JSON objects: {"question": str, "answer": str} and optionally "choices": [str, ...]
 (multiple choice, scored by log-likelihood as japanese-lm-fin-harness does; "answer" must be one of
-the choices). Any other keys (e.g. "kind", "id") are kept and ignored.
+the choices) and "value": str (the fact a greedy answer must contain, when "answer" is a whole
+sentence; default: the answer itself). Any other keys are kept and ignored.
 """
 
 import json
@@ -21,6 +22,11 @@ class QAItem:
     answer: str
     choices: Optional[Tuple[str, ...]] = None
     extra: Dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def expected(self) -> str:
+        """What a greedy answer must contain to count as correct."""
+        return self.extra.get("value") or self.answer
 
     @property
     def answer_index(self) -> int:

@@ -114,9 +114,15 @@ def _eos_ids(model, tokenizer) -> List[int]:
 
 @torch.no_grad()
 def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Optional[str] = None,
-                    max_new_tokens: int = 32, batch_size: int = 32) -> Dict[str, object]:
-    """Greedy answers: share containing the reference, share ending with the model's eos, both."""
-    eos = _eos_ids(model, tokenizer)
+                    max_new_tokens: int = 32, batch_size: int = 32, turn_end: Optional[str] = None) -> Dict[str, object]:
+    """Greedy answers: share containing the reference, share ending the turn properly, both.
+
+    The turn ends properly with `turn_end` (a token, e.g. the instruct model's end-of-turn) when
+    given, else with the model's own eos. Generation stops at either.
+    """
+    own_eos = _eos_ids(model, tokenizer)
+    turn_ids = [tokenizer.convert_tokens_to_ids(turn_end)] if turn_end else own_eos
+    eos = list(dict.fromkeys(own_eos + turn_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     correct = ended = strict = 0
     samples = []
@@ -130,11 +136,12 @@ def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Op
         for item, tokens in zip(batch, generated):
             stop = next((i for i, t in enumerate(tokens) if t in eos), None)
             answer = tokenizer.decode(tokens[:stop] if stop is not None else tokens, skip_special_tokens=True)
-            hit = _normalize(item.answer) in _normalize(answer)
+            hit = _normalize(item.expected) in _normalize(answer)
+            proper_end = stop is not None and tokens[stop] in turn_ids
             correct += hit
-            ended += stop is not None
-            strict += hit and stop is not None
+            ended += proper_end
+            strict += hit and proper_end
             if len(samples) < 5:
-                samples.append({"question": item.question, "reference": item.answer, "answer": answer, "ended": stop is not None})
+                samples.append({"question": item.question, "reference": item.expected, "answer": answer, "ended": proper_end})
     n = len(items)
     return {"accuracy": correct / n, "ends_with_eos": ended / n, "strict": strict / n, "questions": n, "samples": samples}

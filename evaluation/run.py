@@ -22,6 +22,7 @@ class EvalSettings:
     chat_template_from: Optional[str] = None
     trust_remote_code: bool = False
     generate: bool = True
+    turn_end: Optional[str] = None  # token that must end a chat answer (default: each model's own eos)
 
 
 def load_model(path: str, trust_remote_code: bool = False):
@@ -73,8 +74,8 @@ def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> D
         for name, items in qa_sets.items():
             scores = metrics.chat_likelihood(model, tokenizer, items, chat_template, settings.batch_size)
             if settings.generate:
-                scores.update(metrics.chat_generation(model, tokenizer, items, chat_template,
-                                                      settings.max_new_tokens, settings.batch_size * 2))
+                scores.update(metrics.chat_generation(model, tokenizer, items, chat_template, settings.max_new_tokens,
+                                                      settings.batch_size * 2, settings.turn_end))
             result[name] = scores
         results[label] = result
         if progress:
@@ -111,7 +112,8 @@ def _cell(result: Dict, path: Tuple[str, ...], fmt: str) -> str:
 
 
 def markdown_table(results: Dict[str, Dict], extra_columns=()) -> str:
-    columns = table_columns(results) + list(extra_columns)
+    columns = [c for c in table_columns(results) + list(extra_columns)
+               if any(_cell(r, c[0], c[2]) != "n/a" for r in results.values())]
     lines = ["| model | " + " | ".join(c[1] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, result in results.items():
         lines.append(f"| {label} | " + " | ".join(_cell(result, c[0], c[2]) for c in columns) + " |")

@@ -1,0 +1,46 @@
+"""`finmerge sweep RECIPE`: the merge over a grid of weights and per-module variants, best by one metric."""
+
+import click
+
+
+def _floats(text: str):
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+@click.command("sweep")
+@click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder for sweep.json/.md/.png and best-recipe.yml.")
+@click.option("--qa", multiple=True, metavar="NAME=FILE", help="Validation chat questions (repeatable). Default: the recipe's finmerge.sweep.qa.")
+@click.option("--text", type=click.Path(), help="Validation text for perplexity. Default: the recipe's finmerge.sweep.text.")
+@click.option("--w-domain", help="Comma-separated domain weights, e.g. 0.5,1,1.5.")
+@click.option("--w-instruct", help="Comma-separated instruct weights.")
+@click.option("--variants", help="Comma-separated: paper (weights everywhere), instruct_head (lm_head and final norm from the instruction vector only).")
+@click.option("--metric", help="What to maximize, SET.KEY: e.g. finance.strict, finance.choice_accuracy, finance.accuracy.")
+@click.option("--max-new-tokens", type=int, help="Answer length limit for greedy answers.")
+def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max_new_tokens):
+    """Merge RECIPE for every (w_domain, w_instruct) and variant, evaluate each, report the best."""
+    from finmerge.evaluation.run import EvalSettings
+    from finmerge.evaluation.sweep import SweepSettings, run_sweep, sweep_markdown, write_sweep
+    from finmerge.reproduce.recipe import ReproductionError, load_reproduction
+
+    try:
+        repro = load_reproduction(recipe)
+    except ReproductionError as error:
+        raise click.ClickException(str(error)) from error
+    section = repro.sweep or {}
+    qa_sets = dict(v.split("=", 1) for v in qa) if qa else section.get("qa") or {}
+    if not qa_sets and not (text or section.get("text")):
+        raise click.UsageError("give validation data: --qa NAME=FILE and/or --text, or finmerge.sweep in the recipe")
+    knobs = {k: v for k, v in {**repro.eval, **section}.items() if k in ("max_len", "batch_size", "max_new_tokens", "turn_end")}
+    if max_new_tokens:
+        knobs["max_new_tokens"] = max_new_tokens
+    settings = SweepSettings(eval=EvalSettings(text=text or section.get("text"), qa=qa_sets, **knobs))
+    for name, value in (("w_domain", w_domain and _floats(w_domain)), ("w_instruct", w_instruct and _floats(w_instruct)),
+                        ("variants", variants and variants.split(",")), ("metric", metric)):
+        value = value or section.get(name)
+        if value:
+            setattr(settings, name, value)
+    result = run_sweep(repro.merge, settings, out_dir, log=lambda m: click.echo(m, err=True))
+    paths = write_sweep(result, out_dir)
+    click.echo(sweep_markdown(result))
+    click.echo(f"best recipe: {paths['recipe']}; heatmap: {paths['png']}")

@@ -1,0 +1,1 @@
+"""Reproductions driven by a recipe: pretrain -> merge -> diagnostics -> evaluation -> one report."""

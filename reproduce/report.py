@@ -1,0 +1,94 @@
+"""One report for a reproduction: the evaluation table (with the sweep's best merge), the
+independence diagnostics and the pretraining summary, as report.md + report.json, linking the plots."""
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from finmerge.evaluation.run import markdown_table
+from finmerge.reproduce.recipe import Reproduction
+
+
+def _load(path: str) -> Optional[Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def collect(repro: Reproduction) -> Dict[str, Any]:
+    """Everything the stages left in the workdir, as one dictionary (what report.json holds)."""
+    rows = _load(os.path.join(repro.workdir, "eval.json")) or {}
+    sweep = _load(os.path.join(repro.workdir, "sweep", "sweep.json"))
+    best_eval = _load(os.path.join(repro.workdir, "sweep", "best_eval.json"))
+    if sweep and best_eval:
+        best = sweep["best"]
+        rows[f"sweep best ({best['variant']}, w_d={best['w_domain']}, w_i={best['w_instruct']})"] = best_eval["best"]
+    diagnostics = _load(os.path.join(repro.output, "diagnostics.json"))
+    pretrain = _load(os.path.join(repro.model("domain"), "training_summary.json")) if "pretrain" in repro.stages else None
+    plots = {name: path for name, path in {
+        "pretrain loss": os.path.join(repro.model("domain"), "loss_curve.png"),
+        "diagnostics heatmap": os.path.join(repro.output, (diagnostics or {}).get("heatmap") or "diagnostics.png"),
+        "sweep": os.path.join(repro.workdir, "sweep", "sweep.png"),
+    }.items() if os.path.isfile(path)}
+    return {
+        "recipe": repro.path, "workdir": repro.workdir, "merged": repro.output, "stages": repro.stages,
+        "models": {r: repro.model(r) for r in ("base", "domain", "instruct")},
+        "results": rows,
+        "sweep": {k: sweep[k] for k in ("metric", "best")} if sweep else None,
+        "diagnostics": {k: diagnostics.get(k) for k in ("verdict", "overall", "by_module")} if diagnostics else None,
+        "pretrain": {k: pretrain.get(k) for k in ("tokens_seen", "steps", "perplexity_before", "perplexity_after", "data")
+                     if k in pretrain} if pretrain else None,
+        "plots": plots,
+    }
+
+
+def _cos_column(report: Dict[str, Any]):
+    cos = (report.get("diagnostics") or {}).get("overall", {}).get("cos")
+    # τ_d and τ_i do not depend on the merge weights: every merged row has the same cosine.
+    return [(("__cos__",), "global cos(τ_d, τ_i)", "{:.3f}")], cos
+
+
+def render(report: Dict[str, Any], title: str = "finmerge reproduction") -> str:
+    columns, cos = _cos_column(report)
+    rows = {label: {**r, "__cos__": cos if label not in ("base", "domain", "instruct") else None}
+            for label, r in report["results"].items()}
+    lines = [f"# {title}", "", f"Recipe: `{report['recipe']}`  ", f"Merged model: `{report['merged']}`", ""]
+    if rows:
+        lines += ["## Evaluation", "", markdown_table(rows, columns), ""]
+    diagnostics = report.get("diagnostics")
+    if diagnostics:
+        lines += ["## Independence of the task vectors", "", f"**{diagnostics['verdict']}**", "",
+                  "| module | cos(τ_d, τ_i) | random ±1σ | ‖τ_d‖/‖θ‖ | ‖τ_i‖/‖θ‖ |", "|---|---|---|---|---|"]
+        for m in diagnostics["by_module"]:
+            lines.append(f"| {m['module']} | {_fmt(m['cos'])} | {_fmt(m['random_cos_std'], '.4f')} | "
+                         f"{_fmt(m['rel_domain'], '.4f')} | {_fmt(m['rel_instruct'], '.4f')} |")
+        lines.append("")
+    if report.get("sweep"):
+        best = report["sweep"]["best"]
+        lines += ["## Weight sweep", "", f"Best by `{report['sweep']['metric']}` on the sweep's own (validation) data: "
+                  f"variant `{best['variant']}`, w_domain={best['w_domain']}, w_instruct={best['w_instruct']} "
+                  f"({_fmt(best['metric'])}). Its numbers on the reported data are the `sweep best` row above.", ""]
+    if report.get("pretrain"):
+        p = report["pretrain"]
+        lines += ["## Continual pretraining", "", "```json", json.dumps(p, indent=2)[:2000], "```", ""]
+    if report["plots"]:
+        lines += ["## Plots", ""]
+        for name, path in report["plots"].items():
+            lines.append(f"![{name}]({os.path.relpath(path, report['workdir'])})")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: Dict[str, Any], title: str = "finmerge reproduction") -> Dict[str, str]:
+    paths = {"md": os.path.join(report["workdir"], "report.md"), "json": os.path.join(report["workdir"], "report.json")}
+    with open(paths["md"], "w", encoding="utf-8") as handle:
+        handle.write(render(report, title))
+    with open(paths["json"], "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    return paths
