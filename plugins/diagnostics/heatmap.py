@@ -37,7 +37,7 @@ def draw_heatmap(agg: Aggregates, path: str) -> Optional[str]:
     values = np.ma.masked_invalid(np.array([[np.nan if v is None else v for v in r] for r in grid], dtype=float))
     # symmetric scale around 0 sized to the data: cosines near 0 must still show their structure
     limit = max(0.05, float(np.abs(values).max()) if values.count() else 0.05)
-    figure = Figure(figsize=(1.0 + 0.75 * len(columns), 1.5 + 0.28 * len(rows)), dpi=110)
+    figure = Figure(figsize=(max(5.0, 2.5 + 0.6 * len(columns)), 2.2 + 0.25 * len(rows)), dpi=110)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     cmap = _colormap()
@@ -61,6 +61,4 @@ def draw_heatmap(agg: Aggregates, path: str) -> Optional[str]:
 def _colormap():
     from matplotlib import colormaps
 
-    cmap = colormaps["RdBu_r"].copy()
-    cmap.set_bad("lightgrey")
-    return cmap
+    return colormaps["RdBu_r"].with_extremes(bad="lightgrey")

@@ -1,0 +1,264 @@
+"""Time and peak memory of a domain_instruct merge with diagnostics against its baselines.
+
+Creates three random Llama-shaped bf16 checkpoints (~500M parameters each by default, sharded
+safetensors), then measures in child processes, one stage at a time:
+
+  task_arithmetic   plain `mergekit-yaml` with mergekit's task_arithmetic (weights 1, 1)
+  domain_instruct   plain `mergekit-yaml` with domain_instruct (diagnostics included)
+  di_no_diag        the same with FINMERGE_NO_DIAGNOSTICS=1 (what the statistics cost)
+  io_floor          read the three inputs tensor by tensor, write one output of the same size
+  diagnose          `finmerge diagnose` on the three inputs
+
+Wall time is the best of --repeats runs, peak RSS the largest ru_maxrss (os.wait4 of that child).
+Inputs are read from the page cache (a warm-up read runs first), so the numbers compare compute
+and memory, not disk speed. The checkpoints are deleted at the end (unless --keep).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_merge.py --repeats 2
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+BIN = os.path.dirname(sys.executable)
+STAGES = ("io_floor", "task_arithmetic", "domain_instruct", "di_no_diag", "diagnose")
+
+
+def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_heads_dim: int) -> Dict[str, tuple]:
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv_heads_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads_dim, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+        })
+    shapes.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return shapes
+
+
+def write_checkpoints(root: str, args) -> Dict[str, str]:
+    """base = N(0, 0.02); domain/instruct = base + independent noise; written shard by shard."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    heads = args.hidden // 64
+    kv_dim = 64 * max(1, heads // 5)
+    shapes = llama_shapes(args.hidden, args.intermediate, args.layers, args.vocab, kv_dim)
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=kv_dim // 64,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    ).to_dict()
+    config["architectures"] = ["LlamaForCausalLM"]
+    paths = {role: os.path.join(root, role) for role in ("base", "domain", "instruct")}
+    noise = {"domain": 0.002, "instruct": 0.001}
+    shard_bytes = args.shard_mb * 1024 * 1024
+    for path in paths.values():
+        os.makedirs(path)
+        with open(os.path.join(path, "config.json"), "w") as handle:
+            json.dump(config, handle)
+    generator = torch.Generator().manual_seed(0)
+    shard: Dict[str, Dict[str, torch.Tensor]] = {r: {} for r in paths}
+    index: Dict[str, Dict[str, str]] = {r: {} for r in paths}
+    shard_no, shard_size = 1, 0
+
+    def flush():
+        nonlocal shard_no, shard_size
+        for role in paths:
+            name = f"model-{shard_no:05d}.safetensors"
+            save_file(shard[role], os.path.join(paths[role], name), metadata={"format": "pt"})
+            index[role].update({k: name for k in shard[role]})
+            shard[role] = {}
+        shard_no, shard_size = shard_no + 1, 0
+
+    for name, shape in shapes.items():
+        base = torch.randn(shape, generator=generator) * 0.02
+        shard["base"][name] = base.bfloat16()
+        for role, scale in noise.items():
+            shard[role][name] = (base + torch.randn(shape, generator=generator) * scale).bfloat16()
+        shard_size += base.numel() * 2
+        if shard_size >= shard_bytes:
+            flush()
+    if shard_size:
+        flush()
+    for role, path in paths.items():
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as handle:
+            json.dump({"metadata": {"total_size": total * 2}, "weight_map": index[role]}, handle)
+    print(f"wrote 3 checkpoints of {total / 1e6:.0f}M parameters (bf16, {shard_no - 1} shards each) under {root}", flush=True)
+    return paths
+
+
+def io_floor(paths: Dict[str, str], out: str) -> None:
+    """Child process: read every byte of the three inputs, then write one checkpoint-sized output.
+
+    Plain buffered reads into one reused 64 MiB buffer: safetensors' get_tensor maps the file
+    lazily and would "read" nothing until the bytes are used.
+    """
+    import glob
+
+    buffer = bytearray(64 * 1024 * 1024)
+    view = memoryview(buffer)
+    start = time.perf_counter()
+    sizes = {}
+    for role in ("base", "domain", "instruct"):
+        for file in sorted(glob.glob(os.path.join(paths[role], "*.safetensors"))):
+            with open(file, "rb", buffering=0) as handle:
+                while handle.readinto(buffer):
+                    pass
+            sizes.setdefault(role, []).append(os.path.getsize(file))
+    read_s = time.perf_counter() - start
+    os.makedirs(out)
+    for n, size in enumerate(sizes["base"]):
+        with open(os.path.join(out, f"model-{n:05d}.safetensors"), "wb", buffering=0) as handle:
+            while size > 0:
+                size -= handle.write(view[: min(size, len(buffer))])
+    print(json.dumps({"read_s": read_s, "write_s": time.perf_counter() - start - read_s}))
+
+
+def run_child(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """Run one stage; wall seconds and the child's own peak RSS (os.wait4, not a running maximum)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # files, not pipes: a chatty child cannot block
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    result = {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024}  # Linux: kilobytes
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    if last.startswith("{"):
+        result.update(json.loads(last))
+    return result
+
+
+def write_recipes(root: str, paths: Dict[str, str]) -> Dict[str, str]:
+    import yaml
+
+    recipes = {
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic", "base_model": paths["base"], "dtype": "bfloat16",
+            "models": [{"model": paths["domain"], "parameters": {"weight": 1.0}},
+                       {"model": paths["instruct"], "parameters": {"weight": 1.0}}],
+        },
+        "domain_instruct": {
+            "merge_method": "domain_instruct", "base_model": paths["base"], "dtype": "bfloat16",
+            "models": [{"model": paths["domain"], "parameters": {"role": "domain", "weight": 1.0}},
+                       {"model": paths["instruct"], "parameters": {"role": "instruct", "weight": 1.0}}],
+        },
+    }
+    files = {}
+    for name, recipe in recipes.items():
+        files[name] = os.path.join(root, f"{name}.yml")
+        with open(files[name], "w") as handle:
+            yaml.safe_dump(recipe, handle)
+    return files
+
+
+def stage_command(stage: str, root: str, paths: Dict[str, str], recipes: Dict[str, str], out: str):
+    env = dict(os.environ)
+    if stage == "io_floor":
+        return [sys.executable, __file__, "--io-floor-child", json.dumps(paths), out], env
+    if stage == "diagnose":
+        return [os.path.join(BIN, "finmerge"), "diagnose", "--base", paths["base"], "--domain", paths["domain"],
+                "--instruct", paths["instruct"], "--out", out], env
+    if stage == "di_no_diag":
+        env["FINMERGE_NO_DIAGNOSTICS"] = "1"
+    recipe = recipes["task_arithmetic" if stage == "task_arithmetic" else "domain_instruct"]
+    return [os.path.join(BIN, "mergekit-yaml"), recipe, out, "--quiet"], env
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), "")
+    except OSError:
+        pass
+    with open("/proc/meminfo") as handle:
+        mem_gb = int(handle.readline().split()[1]) / 1024 / 1024
+    return (f"{cpu or platform.processor()}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+
+
+def table(results: Dict[str, Dict[str, float]]) -> str:
+    ta, floor = results.get("task_arithmetic"), results.get("io_floor")
+    lines = ["| stage | wall s | peak RSS MB | vs task_arithmetic (time / RSS) | note |", "|---|---|---|---|---|"]
+    for stage, r in results.items():
+        ratio = f"{r['wall_s'] / ta['wall_s']:.2f}× / {r['rss_mb'] / ta['rss_mb']:.2f}×" if ta else ""
+        note = ""
+        if stage == "io_floor":
+            note = f"read {r['read_s']:.1f} s, write {r['write_s']:.1f} s"
+        elif stage == "diagnose" and floor:
+            note = f"{r['wall_s'] / floor['read_s']:.2f}× the read time"
+        lines.append(f"| {stage} | {r['wall_s']:.1f} | {r['rss_mb']:.0f} | {ratio} | {note} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1280)
+    parser.add_argument("--intermediate", type=int, default=3456)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--shard-mb", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
+    parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--io-floor-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.io_floor_child:
+        io_floor(json.loads(args.io_floor_child[0]), args.io_floor_child[1])
+        return
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+    root = tempfile.mkdtemp(prefix="finmerge-bench-", dir=args.workdir)
+    try:
+        paths = write_checkpoints(root, args)
+        recipes = write_recipes(root, paths)
+        run_child(*stage_command("io_floor", root, paths, recipes, os.path.join(root, "warmup")))  # page cache
+        results: Dict[str, Dict[str, float]] = {}
+        for repeat in range(args.repeats):
+            for stage in stages:
+                out = os.path.join(root, f"out-{stage}-{repeat}")
+                result = run_child(*stage_command(stage, root, paths, recipes, out))
+                print(f"{stage} run {repeat + 1}: {result['wall_s']:.1f} s, {result['rss_mb']:.0f} MB", flush=True)
+                best = results.get(stage)
+                if best is None or result["wall_s"] < best["wall_s"]:
+                    results[stage] = {**result, "rss_mb": max(result["rss_mb"], best["rss_mb"] if best else 0)}
+                else:
+                    best["rss_mb"] = max(best["rss_mb"], result["rss_mb"])
+                shutil.rmtree(out, ignore_errors=True)
+        print(f"\nmachine: {machine()}\n")
+        print(table({s: results[s] for s in stages}))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"machine": machine(), "args": vars(args), "results": results}, handle, indent=2)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
