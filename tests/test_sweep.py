@@ -1,0 +1,59 @@
+"""`finmerge sweep`: the grid's recipes, the per-module variant, and the choice of the best point."""
+
+import json
+
+import pytest
+import torch
+
+from finmerge.demo.tiny_models import CHATS, recipe
+from finmerge.evaluation.run import EvalSettings
+from finmerge.evaluation.sweep import SweepSettings, run_sweep, variant_recipe, write_sweep
+from merge_helpers import expected_merge, run_merge, tensors
+
+
+def test_variant_recipes(tiny_family):
+    base = recipe(tiny_family)
+    paper = variant_recipe(base, 0.5, 1.5, "paper")
+    weights = {m["parameters"]["role"]: m["parameters"]["weight"] for m in paper["models"]}
+    assert weights == {"domain": 0.5, "instruct": 1.5}
+    head = variant_recipe(base, 0.5, 1.5, "instruct_head")
+    domain_weight = next(m["parameters"]["weight"] for m in head["models"] if m["parameters"]["role"] == "domain")
+    assert domain_weight[-1] == {"value": 0.5} and {"filter": "lm_head", "value": 0.0} in domain_weight
+    with pytest.raises(ValueError, match="unknown sweep variant 'ties'"):
+        variant_recipe(base, 1, 1, "ties")
+
+
+def test_instruct_head_variant_merges_head_and_final_norm_from_instruct_only(tiny_family, tmp_path):
+    run_merge(variant_recipe(recipe(tiny_family), 0.7, 1.2, "instruct_head"), tmp_path / "out")
+    merged, full, no_domain = tensors(tmp_path / "out"), expected_merge(tiny_family, 0.7, 1.2), expected_merge(tiny_family, 0.0, 1.2)
+    for name, tensor in merged.items():
+        reference = no_domain if name in ("lm_head.weight", "model.norm.weight") else full
+        assert torch.allclose(tensor, reference[name], atol=1e-6, rtol=0), name
+
+
+def test_sweep_picks_the_best_point_and_writes_its_report(tiny_family, tmp_path):
+    qa = tmp_path / "val.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in CHATS))
+    settings = SweepSettings(w_domain=[1.0], w_instruct=[0.0, 1.0], variants=["paper"], metric="chat.strict",
+                             eval=EvalSettings(qa={"chat": str(qa)}))
+    result = run_sweep(recipe(tiny_family), settings, str(tmp_path / "sweep"), log=lambda m: None, keep_best=str(tmp_path / "best"))
+    scores = {p["w_instruct"]: p["metric"] for p in result["points"]}
+    # Without the instruction vector the merge is base + τ_d: it cannot answer in the chat format.
+    assert scores[0.0] < scores[1.0] == 1.0
+    assert result["best"]["w_instruct"] == 1.0
+    assert all(torch.allclose(tensors(tmp_path / "best")[k], v, atol=1e-6) for k, v in expected_merge(tiny_family, 1.0, 1.0).items())
+    paths = write_sweep(result, str(tmp_path / "sweep"))
+    assert "**best**" in open(paths["md"]).read()
+    with open(paths["png"], "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    run_merge(__import__("yaml").safe_load(open(paths["recipe"])), tmp_path / "again")  # the best recipe is a real recipe
+    assert all(torch.equal(tensors(tmp_path / "again")[k], v) for k, v in tensors(tmp_path / "best").items())
+
+
+def test_metric_that_is_never_computed_is_an_error(tiny_family, tmp_path):
+    qa = tmp_path / "val.jsonl"
+    qa.write_text(json.dumps({"question": "q", "answer": "a"}))
+    settings = SweepSettings(w_domain=[1.0], w_instruct=[1.0], variants=["paper"], metric="finance.strict",
+                             eval=EvalSettings(qa={"chat": str(qa)}, generate=False))
+    with pytest.raises(ValueError, match="metric 'finance.strict' was not computed"):
+        run_sweep(recipe(tiny_family), settings, str(tmp_path / "sweep"), log=lambda m: None)
