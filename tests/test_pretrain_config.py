@@ -122,3 +122,17 @@ def test_fingerprint_tracks_what_changes_the_weights():
         assert fingerprint(config, data, model) != reference
     assert fingerprint(base, [{"file": "x", "sha256": "2"}], model) != reference
     assert fingerprint(base, data, {"hub": "other"}) != reference
+
+
+def test_command_module_sets_passive_omp_before_torch_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import os, sys; import finmerge.cli.pretrain; "
+            "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["False", "PASSIVE"], result.stderr
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's choice wins
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.split() == ["False", "ACTIVE"], result.stderr

@@ -71,6 +71,14 @@ def test_non_utf8_bytes_are_skipped_and_counted_never_fatal(tmp_path):
     assert "bad.txt:1 (byte 3)" in examples and "mixed.jsonl:2" in examples and "p.parquet#row2" in examples
 
 
+def test_unreadable_file_is_counted_not_fatal(tmp_path):
+    _write_bytes(tmp_path / "c" / "ok.txt", b"readable text")
+    os.symlink(str(tmp_path / "gone.txt"), str(tmp_path / "c" / "dangling.txt"))  # listed, cannot be opened
+    texts, report = _read_all([str(tmp_path / "c")])
+    assert [t for t, _ in texts] == ["readable text"]
+    assert report.dropped == {"unreadable": 1} and "dangling.txt (No such file or directory)" in report.examples["unreadable"][0]
+
+
 def test_missing_parquet_column_names_file_and_field(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
