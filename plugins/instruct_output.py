@@ -36,12 +36,20 @@ def _tokenizer_files(folder: str) -> List[str]:
 
 
 def _remote_code_files(config: Dict[str, Any], folder: str) -> List[str]:
-    """Python files a trust_remote_code model names in auto_map (copied, never run, here)."""
+    """Python files a trust_remote_code model names in auto_map (copied, never run, here).
+
+    The model's classes are listed in config.json, the tokenizer's in tokenizer_config.json.
+    """
+    maps = [config.get("auto_map") or {}]
+    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(tokenizer_config):
+        maps.append(_read_json(tokenizer_config).get("auto_map") or {})
     modules = set()
-    for target in (config.get("auto_map") or {}).values():
-        for ref in target if isinstance(target, list) else [target]:
-            if ref and "--" not in ref:  # "repo--module.Class" points elsewhere
-                modules.add(ref.split(".")[0] + ".py")
+    for auto_map in maps:
+        for target in auto_map.values():
+            for ref in target if isinstance(target, list) else [target]:
+                if ref and "--" not in ref:  # "repo--module.Class" points to another repository
+                    modules.add(ref.split(".")[0] + ".py")
     return sorted(m for m in modules if os.path.isfile(os.path.join(folder, m)))
 
 

@@ -116,3 +116,24 @@ def test_bf16_output(tiny_family, tmp_path):
     expected = {k: v.to(torch.bfloat16) for k, v in expected_merge(tiny_family).items()}
     assert all(merged[k].dtype == torch.bfloat16 for k in merged)
     assert_close_state(merged, expected, atol=0)
+
+
+def test_remote_code_files_of_the_instruct_model_are_copied_not_run(tiny_family, tmp_path):
+    """A Qwen-v1-style instruct model names its code in auto_map; OUT needs those files to load."""
+    import shutil
+
+    from merge_helpers import copy_model
+
+    instruct = copy_model(tiny_family.instruct, tmp_path / "instruct-with-code",
+                          edit_config=lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}))
+    (tmp_path / "instruct-with-code" / "modeling_tiny.py").write_text("raise SystemExit('must never run')\n")
+    (tmp_path / "instruct-with-code" / "tokenization_tiny.py").write_text("raise SystemExit('must never run')\n")
+    config_path = tmp_path / "instruct-with-code" / "tokenizer_config.json"
+    tokenizer_config = json.loads(config_path.read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_tiny.TinyTokenizer", None]}
+    config_path.write_text(json.dumps(tokenizer_config))
+    merge = recipe(tiny_family)
+    merge["models"][1]["model"] = instruct
+    run_merge(merge, tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_tiny.py").exists() and (tmp_path / "out" / "tokenization_tiny.py").exists()
+    shutil.rmtree(tmp_path / "out")
