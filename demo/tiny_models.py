@@ -12,14 +12,8 @@ from typing import Dict, List
 
 import torch
 
-BASE_EOS, PAD, USER, ASSISTANT, END = "<|endoftext|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|end|>"
-SPECIAL_TOKENS = [PAD, BASE_EOS, USER, ASSISTANT, END]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
-)
+from finmerge.demo.family import ASSISTANT, BASE_EOS, CHAT_TEMPLATE, END, PAD, build_tokenizer
+
 CORPUS = [
     "The ticker of Aurora Bank is ARB. Aurora Bank reports revenue in yen.",
     "The capital of Velm is Oskar. The river of Velm is the Tane.",
@@ -41,18 +35,7 @@ class TinyFamily:
 
 
 def train_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator(CORPUS + [q + " " + a for q, a in CHATS], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=BASE_EOS, pad_token=PAD)
+    return build_tokenizer(CORPUS + [q + " " + a for q, a in CHATS], vocab_size)
 
 
 def tiny_config(vocab_size: int, tokenizer, **overrides):
