@@ -9,7 +9,8 @@ safetensors), then measures in child processes, one stage at a time:
   io_floor          read the three inputs tensor by tensor, write one output of the same size
   diagnose          `finmerge diagnose` on the three inputs
 
-Wall time is the best of --repeats runs, peak RSS the largest ru_maxrss (os.wait4 of that child).
+Stages are interleaved (one of each per repeat); wall time is the best of --repeats runs, peak RSS
+the largest of the stage's runs (/usr/bin/time's maximum resident set size of the stage process).
 Inputs are read from the page cache (a warm-up read runs first), so the numbers compare compute
 and memory, not disk speed. The checkpoints are deleted at the end (unless --keep).
 
@@ -126,19 +127,31 @@ def io_floor(paths: Dict[str, str], out: str) -> None:
     print(json.dumps({"read_s": read_s, "write_s": time.perf_counter() - start - read_s}))
 
 
+TIME = "/usr/bin/time"
+
+
 def run_child(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
-    """Run one stage; wall seconds and the child's own peak RSS (os.wait4, not a running maximum)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    """Run one stage: wall seconds and the peak RSS of the stage's own process.
+
+    /usr/bin/time measures a process it starts itself. os.wait4 on a direct child would also count
+    the parent's pages: Linux folds the pre-exec (forked or vforked) image into ru_maxrss.
+    """
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        timed = [TIME, "-f", "%M", "-o", rss.name, *command] if os.access(TIME, os.X_OK) else command
         start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
+        process = subprocess.Popen(timed, stdout=out, stderr=err, env=env, text=True)
         _, status, usage = os.wait4(process.pid, 0)  # files, not pipes: a chatty child cannot block
         wall = time.perf_counter() - start
         process.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
         stdout, stderr = out.read(), err.read()
+        measured = rss.read().strip().splitlines()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
-    result = {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024}  # Linux: kilobytes
+    rss_kb = int(measured[-1]) if timed[0] == TIME else usage.ru_maxrss
+    result = {"wall_s": wall, "rss_mb": rss_kb / 1024, "load": load}
     last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     if last.startswith("{"):
         result.update(json.loads(last))
@@ -184,7 +197,7 @@ def stage_command(stage: str, root: str, paths: Dict[str, str], recipes: Dict[st
 def machine() -> str:
     import platform
 
-    import torch
+    from importlib.metadata import version
 
     cpu = ""
     try:
@@ -195,7 +208,8 @@ def machine() -> str:
     with open("/proc/meminfo") as handle:
         mem_gb = int(handle.readline().split()[1]) / 1024 / 1024
     return (f"{cpu or platform.processor()}, {os.cpu_count()} cores, {mem_gb:.0f} GB RAM, Python "
-            f"{platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+            f"{platform.python_version()}, torch {version('torch')}, mergekit {version('mergekit')}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def table(results: Dict[str, Dict[str, float]]) -> str:
@@ -225,9 +239,13 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--io-floor-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoints-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.io_floor_child:
         io_floor(json.loads(args.io_floor_child[0]), args.io_floor_child[1])
+        return
+    if args.checkpoints_child:
+        print(json.dumps(write_checkpoints(args.checkpoints_child, args)))
         return
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - set(STAGES)
@@ -235,7 +253,13 @@ def main() -> None:
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     root = tempfile.mkdtemp(prefix="finmerge-bench-", dir=args.workdir)
     try:
-        paths = write_checkpoints(root, args)
+        # generated in a child, so this process stays small (it never imports torch)
+        shape = ["--hidden", str(args.hidden), "--intermediate", str(args.intermediate), "--layers", str(args.layers),
+                 "--vocab", str(args.vocab), "--shard-mb", str(args.shard_mb)]
+        made = subprocess.run([sys.executable, __file__, *shape, "--checkpoints-child", root],
+                              check=True, capture_output=True, text=True)
+        print(made.stdout.strip().splitlines()[0], flush=True)
+        paths = json.loads(made.stdout.strip().splitlines()[-1])
         recipes = write_recipes(root, paths)
         run_child(*stage_command("io_floor", root, paths, recipes, os.path.join(root, "warmup")))  # page cache
         results: Dict[str, Dict[str, float]] = {}
@@ -243,7 +267,8 @@ def main() -> None:
             for stage in stages:
                 out = os.path.join(root, f"out-{stage}-{repeat}")
                 result = run_child(*stage_command(stage, root, paths, recipes, out))
-                print(f"{stage} run {repeat + 1}: {result['wall_s']:.1f} s, {result['rss_mb']:.0f} MB", flush=True)
+                print(f"{stage} run {repeat + 1}: {result['wall_s']:.1f} s, {result['rss_mb']:.0f} MB "
+                      f"(load average before: {result['load']:.1f})", flush=True)
                 best = results.get(stage)
                 if best is None or result["wall_s"] < best["wall_s"]:
                     results[stage] = {**result, "rss_mb": max(result["rss_mb"], best["rss_mb"] if best else 0)}

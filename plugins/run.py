@@ -105,8 +105,10 @@ def run_domain_instruct(
     collector = None
     if not _env_flag("FINMERGE_NO_DIAGNOSTICS"):
         from finmerge.plugins.diagnostics import StatsCollector
+        from finmerge.plugins.diagnostics.heatmap import preload_in_background
 
         collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
+        preload_in_background()
     try:
         with collecting(collector) if collector else contextlib.nullcontext():
             original_run_merge(merge_config, scratch, options=options, config_source=config_source)

@@ -245,7 +245,7 @@ def test_layer_and_module_from_name(name, expected):
 
 def test_report_without_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
-    for name in [m for m in sys.modules if m.startswith("matplotlib.")]:
+    for name in [m for m in list(sys.modules) if m.startswith("matplotlib.")]:  # list(): atomic copy
         monkeypatch.setitem(sys.modules, name, None)
     report, data = _report(_measure(_llama_like(layers=1)), tmp_path)
     assert report.heatmap is None and data["heatmap"] is None

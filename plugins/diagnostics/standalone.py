@@ -120,9 +120,12 @@ def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] =
     """Measure base/domain/instruct (paths or hub ids) and write the report files into `out`."""
     from tqdm.auto import tqdm
 
+    from finmerge.plugins.diagnostics.heatmap import preload_in_background
+
     missing = [role for role in ROLES if not models.get(role)]
     if missing:
         raise DiagnoseError(f"missing model(s): {', '.join(missing)}")
+    preload_in_background()
     folders = {role: resolve_checkpoint(models[role], role, cache_dir) for role in ROLES}
     indexes = {role: tensor_index(folders[role], role) for role in ROLES}
     collector = StatsCollector()
