@@ -6,7 +6,9 @@ safetensors), then measures in child processes, one stage at a time:
   task_arithmetic   plain `mergekit-yaml` with mergekit's task_arithmetic (weights 1, 1)
   domain_instruct   plain `mergekit-yaml` with domain_instruct (diagnostics included)
   di_no_diag        the same with FINMERGE_NO_DIAGNOSTICS=1 (what the statistics cost)
-  io_floor          read the three inputs tensor by tensor, write one output of the same size
+  io_floor          read every byte of the three inputs (plain reads), write one output of the same size
+  read_torch        a fresh Python process that imports torch and copies every tensor of the three
+                    inputs out of safetensors (what any torch tool pays before computing anything)
   diagnose          `finmerge diagnose` on the three inputs
 
 Stages are interleaved (one of each per repeat); wall time is the best of --repeats runs, peak RSS
@@ -28,7 +30,7 @@ import time
 from typing import Dict, List, Optional
 
 BIN = os.path.dirname(sys.executable)
-STAGES = ("io_floor", "task_arithmetic", "domain_instruct", "di_no_diag", "diagnose")
+STAGES = ("io_floor", "read_torch", "task_arithmetic", "domain_instruct", "di_no_diag", "diagnose")
 
 
 def llama_shapes(hidden: int, intermediate: int, layers: int, vocab: int, kv_heads_dim: int) -> Dict[str, tuple]:
@@ -130,6 +132,27 @@ def io_floor(paths: Dict[str, str], out: str) -> None:
 TIME = "/usr/bin/time"
 
 
+def read_torch(paths: Dict[str, str]) -> None:
+    """Child process: torch + safetensors, every tensor copied once (mmap pages really read)."""
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    start = time.perf_counter()
+    buffer = torch.empty(0, dtype=torch.uint8)
+    for role in ("base", "domain", "instruct"):
+        for file in sorted(glob.glob(os.path.join(paths[role], "*.safetensors"))):
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    raw = handle.get_tensor(name).reshape(-1).view(torch.uint8)
+                    if buffer.numel() < raw.numel():
+                        buffer = torch.empty(raw.numel(), dtype=torch.uint8)
+                    buffer[: raw.numel()].copy_(raw)
+                    del raw
+    print(json.dumps({"read_s": time.perf_counter() - start}))
+
+
 def run_child(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
     """Run one stage: wall seconds and the peak RSS of the stage's own process.
 
@@ -185,6 +208,8 @@ def stage_command(stage: str, root: str, paths: Dict[str, str], recipes: Dict[st
     env = dict(os.environ)
     if stage == "io_floor":
         return [sys.executable, __file__, "--io-floor-child", json.dumps(paths), out], env
+    if stage == "read_torch":
+        return [sys.executable, __file__, "--read-torch-child", json.dumps(paths)], env
     if stage == "diagnose":
         return [os.path.join(BIN, "finmerge"), "diagnose", "--base", paths["base"], "--domain", paths["domain"],
                 "--instruct", paths["instruct"], "--out", out], env
@@ -213,15 +238,19 @@ def machine() -> str:
 
 
 def table(results: Dict[str, Dict[str, float]]) -> str:
-    ta, floor = results.get("task_arithmetic"), results.get("io_floor")
+    ta, floor, torch_read = results.get("task_arithmetic"), results.get("io_floor"), results.get("read_torch")
     lines = ["| stage | wall s | peak RSS MB | vs task_arithmetic (time / RSS) | note |", "|---|---|---|---|---|"]
     for stage, r in results.items():
         ratio = f"{r['wall_s'] / ta['wall_s']:.2f}× / {r['rss_mb'] / ta['rss_mb']:.2f}×" if ta else ""
         note = ""
         if stage == "io_floor":
-            note = f"read {r['read_s']:.1f} s, write {r['write_s']:.1f} s"
-        elif stage == "diagnose" and floor:
-            note = f"{r['wall_s'] / floor['read_s']:.2f}× the read time"
+            note = f"read {r['read_s']:.2f} s, write {r['write_s']:.2f} s"
+        elif stage == "read_torch":
+            note = f"reading itself {r['read_s']:.2f} s"
+        elif stage == "diagnose":
+            parts = [f"{r['wall_s'] / floor['read_s']:.1f}× the plain read ({floor['read_s']:.2f} s)"] if floor else []
+            parts += [f"{r['wall_s'] / torch_read['wall_s']:.2f}× read_torch"] if torch_read else []
+            note = ", ".join(parts)
         lines.append(f"| {stage} | {r['wall_s']:.1f} | {r['rss_mb']:.0f} | {ratio} | {note} |")
     return "\n".join(lines)
 
@@ -240,9 +269,13 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--io-floor-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints-child", help=argparse.SUPPRESS)
+    parser.add_argument("--read-torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.io_floor_child:
         io_floor(json.loads(args.io_floor_child[0]), args.io_floor_child[1])
+        return
+    if args.read_torch_child:
+        read_torch(json.loads(args.read_torch_child))
         return
     if args.checkpoints_child:
         print(json.dumps(write_checkpoints(args.checkpoints_child, args)))

@@ -189,3 +189,38 @@ def test_diagnostics_can_be_switched_off(tiny_family, tmp_path, monkeypatch):
     run_merge(recipe(tiny_family), out)
     assert not any((out / name).exists() for name in REPORT_FILES)
     assert "Independence of the task vectors" not in (out / "README.md").read_text()
+
+
+def test_diagnose_dtype_matches_a_bf16_merge(tiny_family, tmp_path):
+    """The fp32 family merged with `dtype: bfloat16` is measured on bf16-rounded inputs; --dtype does the same."""
+    merged, standalone = tmp_path / "merged", tmp_path / "diag"
+    run_merge(recipe(tiny_family, dtype="bfloat16"), merged)
+    result = CliRunner().invoke(cli, ["diagnose", "--base", tiny_family.base, "--domain", tiny_family.domain,
+                                      "--instruct", tiny_family.instruct, "--out", str(standalone), "--quiet",
+                                      "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert _report(merged)["tensors"] == _report(standalone)["tensors"]
+    as_fp32 = _models(tiny_family)
+    bf16 = {role: {k: v.bfloat16() for k, v in state.items()} for role, state in as_fp32.items()}
+    _assert_report_matches_torch(standalone, bf16)
+
+
+def test_diagnose_names_the_model_with_nan(tiny_family, tmp_path):
+    def poison(state):
+        state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+
+    instruct = copy_model(tiny_family.instruct, tmp_path / "instruct", edit_tensors=poison)
+    result = CliRunner().invoke(cli, ["diagnose", "--base", tiny_family.base, "--domain", tiny_family.domain,
+                                      "--instruct", instruct, "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code != 0
+    assert "the instruct model has NaN or Inf values in tensor model.layers.1.mlp.up_proj.weight" in result.output
+
+
+def test_diagnose_truncated_file_is_a_clear_error(tiny_family, tmp_path):
+    domain = copy_model(tiny_family.domain, tmp_path / "domain")
+    path = os.path.join(domain, "model.safetensors")
+    with open(path, "r+b") as handle:
+        handle.truncate(os.path.getsize(path) - 100)
+    result = CliRunner().invoke(cli, ["diagnose", "--base", tiny_family.base, "--domain", domain,
+                                      "--instruct", tiny_family.instruct, "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code != 0 and "domain model" in result.output and "truncated file" in result.output

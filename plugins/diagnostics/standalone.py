@@ -1,23 +1,25 @@
 """`finmerge diagnose`: the in-merge report, computed from three checkpoints without merging.
 
-Reads safetensors one tensor at a time (a safe_open handle per tensor, so the memory-mapped pages of
-a finished tensor are released) and feeds the same accumulator with the same chunks and the same
-fp32/fp64 arithmetic as the `domain_instruct` kernel: the numbers equal the in-merge report's when
-the merge does not change the inputs' dtype (pass --dtype to mimic a recipe's `dtype:`).
+Reads the safetensors files chunk by chunk with plain positioned reads (see tensorfile: no memory
+map, memory bounded by one chunk per model) and feeds the same accumulator with the same chunks and
+the same fp32/fp64 arithmetic as the `domain_instruct` kernel, so the numbers equal the in-merge
+report's when the merge does not change the inputs' dtype (pass --dtype to mimic a recipe's `dtype:`).
 """
 
 import glob
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
 from finmerge.plugins.collector import CHUNK_ELEMENTS
 from finmerge.plugins.diagnostics.report import Report, write_report
 from finmerge.plugins.diagnostics.stats import StatsCollector
+from finmerge.plugins.diagnostics.tensorfile import RangeReader, TensorFileError, TensorLocation, read_header
 
 ROLES = ("base", "domain", "instruct")
 _HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]
+_MAX_ITEMSIZE = 8
 
 
 class DiagnoseError(ValueError):
@@ -41,10 +43,8 @@ def resolve_checkpoint(model: str, role: str, cache_dir: Optional[str] = None) -
         ) from error
 
 
-def tensor_index(folder: str, role: str) -> Dict[str, Tuple[str, Tuple[int, ...], str]]:
-    """name -> (file, shape, dtype) from the safetensors headers (no tensor data is read)."""
-    from safetensors import safe_open
-
+def tensor_index(folder: str, role: str) -> Dict[str, TensorLocation]:
+    """name -> location from the safetensors headers of every shard (no tensor data is read)."""
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         pickled = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
@@ -52,67 +52,80 @@ def tensor_index(folder: str, role: str) -> Dict[str, Tuple[str, Tuple[int, ...]
         raise DiagnoseError(f"{role} model {folder} has no *.safetensors weights{hint}")
     index = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                index[name] = (file, tuple(piece.get_shape()), piece.get_dtype())
+        try:
+            index.update(read_header(file))
+        except TensorFileError as error:
+            raise DiagnoseError(f"{role} model: {error}") from error
     return index
 
 
-def plan(indexes: Dict[str, Dict[str, tuple]], collector: StatsCollector) -> List[str]:
+def plan(indexes: Dict[str, Dict[str, TensorLocation]], collector: StatsCollector) -> List[str]:
     """Tensors present with one shape in all three; the others are recorded as skipped, with why."""
     names = []
-    for name, (_, shape, _) in indexes["base"].items():
+    for name, location in indexes["base"].items():
         missing = [role for role in ROLES[1:] if name not in indexes[role]]
-        shapes = {role: indexes[role][name][1] for role in ROLES if name in indexes[role]}
+        shapes = {role: indexes[role][name].shape for role in ROLES if name in indexes[role]}
         if missing:
             collector.skip(name, f"not in the {' and '.join(missing)} model")
         elif len(set(shapes.values())) > 1:
             collector.skip(name, "shapes differ: " + ", ".join(f"{r} {list(s)}" for r, s in shapes.items()))
+        elif not all(indexes[r][name].dtype.is_floating_point for r in ROLES):
+            collector.skip(name, "not a floating-point tensor")
         else:
             names.append(name)
     for role in ROLES[1:]:
         for name in indexes[role].keys() - indexes["base"].keys():
             collector.skip(name, f"only in the {role} model, not in the base")
-    # file by file, so the shards are read in order
-    return sorted(names, key=lambda n: (indexes["base"][n][0], n))
+    # in file order, so each shard is read front to back
+    return sorted(names, key=lambda n: (indexes["base"][n].file, indexes["base"][n].offset))
 
 
-def measure(name: str, tensors: List[torch.Tensor], collector: StatsCollector,
-            dtype: Optional[torch.dtype] = None) -> None:
+class _Measurer:
     """The kernel's chunk loop without the merge: same chunks, same compute dtype, same accumulator."""
-    base = tensors[0]
-    stored = dtype or base.dtype
-    compute = torch.float64 if stored == torch.float64 else torch.float32
-    flat = [t.reshape(-1) if dtype is None else t.reshape(-1).to(dtype) for t in tensors]
-    numel = flat[0].numel()
-    accumulator = collector.start_tensor(name, tuple(base.shape))
-    scratch = [torch.empty(min(numel, CHUNK_ELEMENTS), dtype=compute) for _ in range(4)]
-    for start in range(0, numel, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, numel)
-        b, tau_d, tau_i, spare = (s[: stop - start] for s in scratch)
-        b.copy_(flat[0][start:stop])
-        tau_d.copy_(flat[1][start:stop]).sub_(b)
-        tau_i.copy_(flat[2][start:stop]).sub_(b)
-        accumulator.update(b, tau_d, tau_i, scratch=spare)
-    sums = accumulator.result()
-    if not all(map(_finite, (sums.dot, sums.sq_domain, sums.sq_instruct, sums.sq_base))):
-        bad = [role for role, t in zip(ROLES, tensors) if not torch.isfinite(t).all()]
-        raise DiagnoseError(f"{' and '.join(bad) or 'an input'} model has NaN or Inf values in tensor {name}")
-    collector.finish_tensor(accumulator)
+
+    def __init__(self, collector: StatsCollector, dtype: Optional[torch.dtype]):
+        self.collector, self.dtype = collector, dtype
+        self.readers = [RangeReader(CHUNK_ELEMENTS * _MAX_ITEMSIZE) for _ in ROLES]
+        self._scratch: Dict[torch.dtype, List[torch.Tensor]] = {}
+
+    def _chunks(self, locations: List[TensorLocation]):
+        numel = locations[0].numel
+        for start in range(0, numel, CHUNK_ELEMENTS):
+            stop = min(start + CHUNK_ELEMENTS, numel)
+            raw = [reader.read(loc, start, stop) for reader, loc in zip(self.readers, locations)]
+            yield [r if self.dtype is None else r.to(self.dtype) for r in raw]
+
+    def measure(self, name: str, locations: List[TensorLocation]) -> None:
+        stored = self.dtype or locations[0].dtype
+        compute = torch.float64 if stored == torch.float64 else torch.float32
+        if compute not in self._scratch:  # four chunk buffers per compute dtype, reused for every tensor
+            self._scratch[compute] = [torch.empty(CHUNK_ELEMENTS, dtype=compute) for _ in range(4)]
+        accumulator = self.collector.start_tensor(name, locations[0].shape)
+        for base, domain, instruct in self._chunks(locations):
+            b, tau_d, tau_i, spare = (s[: base.numel()] for s in self._scratch[compute])
+            b.copy_(base)
+            tau_d.copy_(domain).sub_(b)
+            tau_i.copy_(instruct).sub_(b)
+            accumulator.update(b, tau_d, tau_i, scratch=spare)
+        sums = accumulator.result()
+        if not all(map(_finite, (sums.dot, sums.sq_domain, sums.sq_instruct, sums.sq_base))):
+            raise DiagnoseError(f"{self._non_finite_roles(locations)} has NaN or Inf values in tensor {name}; "
+                                "fix or re-export that checkpoint")
+        self.collector.finish_tensor(accumulator)
+
+    def _non_finite_roles(self, locations: List[TensorLocation]) -> str:
+        bad = set()
+        for chunk in self._chunks(locations):
+            bad |= {role for role, values in zip(ROLES, chunk) if not torch.isfinite(values).all()}
+        return " and ".join(f"the {r} model" for r in ROLES if r in bad) or "an input (overflow)"
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
 
 
 def _finite(value: float) -> bool:
     return value == value and abs(value) != float("inf")
-
-
-def _load(indexes, name: str) -> Iterator[torch.Tensor]:
-    from safetensors import safe_open
-
-    for role in ROLES:
-        # a handle per tensor: closing it unmaps the pages, so memory follows one tensor, not one shard
-        with safe_open(indexes[role][name][0], framework="pt") as handle:
-            yield handle.get_tensor(name)
 
 
 def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] = None,
@@ -132,9 +145,14 @@ def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] =
     names = plan(indexes, collector)
     if not names:
         raise DiagnoseError("the three checkpoints have no tensor in common with the same shape")
-    total = sum(torch.Size(indexes["base"][n][1]).numel() for n in names)
-    with tqdm(total=total, unit="param", unit_scale=True, desc="diagnose", disable=not progress) as bar:
-        for name in names:
-            measure(name, list(_load(indexes, name)), collector, dtype)
-            bar.update(torch.Size(indexes["base"][name][1]).numel())
+    total = sum(indexes["base"][n].numel for n in names)
+    measurer = _Measurer(collector, dtype)
+    try:
+        with tqdm(total=total, unit="param", unit_scale=True, desc="diagnose", disable=not progress) as bar:
+            for name in names:
+                locations = [indexes[role][name] for role in ROLES]
+                measurer.measure(name, locations)
+                bar.update(locations[0].numel)
+    finally:
+        measurer.close()
     return write_report(out, collector, models, source="diagnose")
