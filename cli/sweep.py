@@ -15,7 +15,7 @@ def _floats(text: str):
 @click.option("--w-domain", help="Comma-separated domain weights, e.g. 0.5,1,1.5.")
 @click.option("--w-instruct", help="Comma-separated instruct weights.")
 @click.option("--variants", help="Comma-separated: paper (weights everywhere), instruct_head (lm_head and final norm from the instruction vector only).")
-@click.option("--metric", help="What to maximize, SET.KEY: e.g. finance.strict, finance.choice_accuracy, finance.accuracy.")
+@click.option("--metric", help="What to maximize, SET.KEY (e.g. finance.strict); more, comma-separated, break ties; -SET.KEY minimizes.")
 @click.option("--max-new-tokens", type=int, help="Answer length limit for greedy answers.")
 def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max_new_tokens):
     """Merge RECIPE for every (w_domain, w_instruct) and variant, evaluate each, report the best."""

@@ -30,15 +30,27 @@ class SweepSettings:
     w_domain: Sequence[float] = (0.5, 1.0, 1.5)
     w_instruct: Sequence[float] = (0.5, 1.0, 1.5)
     variants: Sequence[str] = ("paper", "instruct_head")
+    # "SET.KEY[,SET.KEY...]": the first decides, the next ones break ties; "-SET.KEY" is minimized.
     metric: str = "finance.strict"
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
 def metric_value(result: Dict, metric: str) -> Optional[float]:
     value = result
-    for key in metric.split("."):
+    for key in metric.lstrip("-").split("."):
         value = value.get(key) if isinstance(value, dict) else None
     return value
+
+
+def ranking_key(result: Dict, metric: str) -> Optional[tuple]:
+    """Larger is better: the metrics in order, minimized ones negated; None if the first is missing."""
+    values = []
+    for name in metric.split(","):
+        value = metric_value(result, name.strip())
+        if value is None and not values:
+            return None
+        values.append(float("-inf") if value is None else (-value if name.strip().startswith("-") else value))
+    return tuple(values)
 
 
 def variant_recipe(recipe: Dict, w_domain: float, w_instruct: float, variant: str) -> Dict:
@@ -81,11 +93,13 @@ def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, ke
                     out = os.path.join(scratch, f"{variant}-{w_d}-{w_i}")
                     _merge(variant_recipe(recipe, w_d, w_i, variant), out)
                     result = evaluate({"merged": out}, settings.eval)["merged"]
+                    key = ranking_key(result, settings.metric)
                     point = {"variant": variant, "w_domain": w_d, "w_instruct": w_i, "result": result,
-                             "metric": metric_value(result, settings.metric)}
+                             "metric": metric_value(result, settings.metric.split(",")[0].strip()),
+                             "ranking": list(key) if key else None}
                     points.append(point)
-                    log(f"sweep {variant} w_domain={w_d} w_instruct={w_i}: {settings.metric}={point['metric']}")
-                    if point["metric"] is not None and (best is None or point["metric"] > best["metric"]):
+                    log(f"sweep {variant} w_domain={w_d} w_instruct={w_i}: {settings.metric}={point['ranking']}")
+                    if key is not None and (best is None or key > tuple(best["ranking"])):
                         if best_dir:
                             shutil.rmtree(best_dir)
                         best, best_dir = point, out
@@ -128,18 +142,20 @@ def heatmap(sweep: Dict, path: str) -> None:
         ax.set_ylabel("w_domain")
         ax.set_title(variant)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"sweep: {sweep['metric']}")
+    fig.suptitle(f"sweep: {sweep['metric'].split(',')[0]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def sweep_markdown(sweep: Dict) -> str:
-    lines = [f"| variant | w_domain | w_instruct | {sweep['metric']} |", "|---|---|---|---|"]
+    names = [m.strip() for m in sweep["metric"].split(",")]
+    lines = [f"| variant | w_domain | w_instruct | {' | '.join(names)} |", "|---" * (3 + len(names)) + "|"]
     for p in sweep["points"]:
         mark = " **best**" if (p["variant"], p["w_domain"], p["w_instruct"]) == (sweep["best"]["variant"], sweep["best"]["w_domain"], sweep["best"]["w_instruct"]) else ""
-        value = "n/a" if p["metric"] is None else f"{p['metric']:.3f}"
-        lines.append(f"| {p['variant']} | {p['w_domain']} | {p['w_instruct']} | {value}{mark} |")
+        values = [metric_value(p["result"], n) for n in names]
+        cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
+        lines.append(f"| {p['variant']} | {p['w_domain']} | {p['w_instruct']} | {' | '.join(cells)}{mark} |")
     return "\n".join(lines)
 
 

@@ -57,3 +57,13 @@ def test_metric_that_is_never_computed_is_an_error(tiny_family, tmp_path):
                              eval=EvalSettings(qa={"chat": str(qa)}, generate=False))
     with pytest.raises(ValueError, match="metric 'finance.strict' was not computed"):
         run_sweep(recipe(tiny_family), settings, str(tmp_path / "sweep"), log=lambda m: None)
+
+
+def test_ranking_breaks_ties_left_to_right_and_minimizes_with_minus():
+    from finmerge.evaluation.sweep import ranking_key
+
+    a = {"f": {"strict": 0.0, "eos": 1.0, "nll": 2.0}}
+    b = {"f": {"strict": 0.0, "eos": 0.5, "nll": 1.0}}
+    assert ranking_key(a, "f.strict,f.eos") > ranking_key(b, "f.strict,f.eos")
+    assert ranking_key(b, "f.strict,-f.nll") > ranking_key(a, "f.strict,-f.nll")
+    assert ranking_key(a, "g.strict,f.eos") is None
