@@ -262,3 +262,10 @@ def test_report_files_and_heatmap(tmp_path):
     markdown = (tmp_path / "diagnostics.md").read_text()
     assert data["verdict"] in markdown and "## By module type" in markdown and "| outside blocks |" in markdown
     assert math.isfinite(data["overall"]["cos"])
+
+
+def test_accumulator_refuses_chunks_too_large_for_exact_counts():
+    accumulator = StatsCollector().start_tensor("w", (2**24 + 1,))
+    big = torch.zeros(2**24 + 1)
+    with pytest.raises(ValueError, match="at most 16777216 entries"):
+        accumulator.update(big, big, big)

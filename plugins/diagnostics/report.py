@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.heatmap import draw_heatmap
-from finmerge.plugins.diagnostics.render import card_section, cosine_matrix, fmt, table, verdict
+from finmerge.plugins.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
 from finmerge.plugins.diagnostics.stats import StatsCollector
 
 SCHEMA = "finmerge.diagnostics/1"
@@ -73,7 +73,7 @@ def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str])
         "",
         "Cosines of groups come from summed statistics (Σ τ_d·τ_i / √(Σ‖τ_d‖²·Σ‖τ_i‖²)), never from averaging "
         "cosines. *random ±* is the spread (1/√n) of the cosine between two random directions with as many "
-        f"entries: a cosine within a few of those is indistinguishable from chance. {fmt(None, '')} = undefined "
+        f"entries: a cosine within a few of those is indistinguishable from chance. {NA} = undefined "
         "(a zero task vector has no direction; a zero base has no relative size). *same sign*: share of entries "
         "where both vectors are non-zero and agree in sign (50% for independent signs).",
         "",

@@ -83,6 +83,9 @@ class Sums:
         }
 
 
+_MAX_CHUNK = 2**24
+
+
 class TensorAccumulator:
     """Sums for one tensor, fed chunk by chunk by whoever computes the task vectors.
 
@@ -97,17 +100,23 @@ class TensorAccumulator:
 
     def update(self, base: torch.Tensor, tau_d: torch.Tensor, tau_i: torch.Tensor,
                scratch: Optional[torch.Tensor] = None) -> None:
-        """Add one chunk (1-D, same length). `scratch`, if given, is a same-size buffer it may overwrite."""
+        """Add one chunk (1-D, same length, at most 2**24 entries, fp32 or fp64).
+
+        `scratch`, if given, is a same-size buffer it may overwrite.
+        """
+        if tau_d.numel() > _MAX_CHUNK:
+            raise ValueError(f"chunks of at most {_MAX_CHUNK} entries (exact fp32 counts); got {tau_d.numel()}")
         if scratch is None or scratch.shape != tau_d.shape or scratch.dtype != tau_d.dtype:
             scratch = torch.empty_like(tau_d)
         dot = torch.mul(tau_d, tau_i, out=scratch).sum()  # cascaded sum: more accurate than a BLAS dot
         # product > 0 <=> both non-zero with the same sign (barring a product under ~1e-45 that
-        # underflows to 0); a sum of 1.0s is exact below 2**24 entries per chunk, and faster than count_nonzero
-        positive = scratch.gt_(0)
-        agree = positive.sum() if positive.numel() <= 2**24 else torch.count_nonzero(positive)
+        # underflows to 0); a sum of 1.0s is exact up to 2**24 entries, and faster than count_nonzero
+        agree = scratch.gt_(0).sum()
         # BLAS dot: one read, no write; fp32 error ~1e-6 relative per chunk of a few 100k entries
         squares = [torch.dot(t, t) for t in (tau_d, tau_i, base)]
-        sums = torch.stack([dot, *squares, agree]).to(torch.float64)
+        sums = torch.stack([dot, *squares, agree])
+        # float64 on the tensors' device (no sync per chunk); Apple MPS has no float64, so the CPU there
+        sums = sums.to("cpu" if sums.device.type == "mps" else sums.device, torch.float64)
         if self._sums is None:
             self._sums = sums
         else:
