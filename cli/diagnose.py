@@ -19,8 +19,8 @@ def diagnose(base, domain, instruct, out_dir, dtype, cache_dir, quiet):
     """How independent are τ_d = domain − base and τ_i = instruct − base?
 
     Per tensor, layer, module type and overall: cosine, norms, size relative to the base, sign
-    agreement. Reads one tensor at a time; the numbers equal those a domain_instruct merge of the
-    same checkpoints writes into its output folder.
+    agreement. Reads the checkpoints chunk by chunk (memory stays bounded); the numbers equal those
+    a domain_instruct merge of the same checkpoints writes into its output folder.
     """
     import torch
 
