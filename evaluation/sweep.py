@@ -117,34 +117,39 @@ def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, ke
 
 
 def heatmap(sweep: Dict, path: str) -> None:
-    """One panel per variant: the metric over w_domain (rows) × w_instruct (columns)."""
+    """One panel per (metric, variant): the metric over w_domain (rows) × w_instruct (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = [m.strip().lstrip("-") for m in sweep["metric"].split(",")]
     variants = list(dict.fromkeys(p["variant"] for p in sweep["points"]))
     rows = sorted({p["w_domain"] for p in sweep["points"]})
     cols = sorted({p["w_instruct"] for p in sweep["points"]})
-    fig, axes = plt.subplots(1, len(variants), figsize=(4.2 * len(variants), 3.6), squeeze=False)
-    for ax, variant in zip(axes[0], variants):
-        grid = [[float("nan")] * len(cols) for _ in rows]
-        for p in sweep["points"]:
-            if p["variant"] == variant and p["metric"] is not None:
-                grid[rows.index(p["w_domain"])][cols.index(p["w_instruct"])] = p["metric"]
-        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1e-9, max(p["metric"] or 0 for p in sweep["points"])), origin="lower")
-        for i, row in enumerate(grid):
-            for j, value in enumerate(row):
-                ax.text(j, i, "n/a" if value != value else f"{value:.2f}", ha="center", va="center", color="w", fontsize=9)
-        ax.set_xticks(range(len(cols)), [str(c) for c in cols])
-        ax.set_yticks(range(len(rows)), [str(r) for r in rows])
-        ax.set_xlabel("w_instruct")
-        ax.set_ylabel("w_domain")
-        ax.set_title(variant)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle(f"sweep: {sweep['metric'].split(',')[0]}")
+    fig, axes = plt.subplots(len(metrics), len(variants), figsize=(4.2 * len(variants), 3.4 * len(metrics)), squeeze=False)
+    for m, metric in enumerate(metrics):
+        values = [metric_value(p["result"], metric) for p in sweep["points"]]
+        known = [v for v in values if v is not None] or [0.0]
+        for ax, variant in zip(axes[m], variants):
+            grid = [[float("nan")] * len(cols) for _ in rows]
+            for p, value in zip(sweep["points"], values):
+                if p["variant"] == variant and value is not None:
+                    grid[rows.index(p["w_domain"])][cols.index(p["w_instruct"])] = value
+            image = ax.imshow(grid, cmap="viridis", vmin=min(known), vmax=max(max(known), min(known) + 1e-9), origin="lower")
+            for i, row in enumerate(grid):
+                for j, value in enumerate(row):
+                    ax.text(j, i, "n/a" if value != value else f"{value:.2f}", ha="center", va="center", color="w", fontsize=9)
+            ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+            ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+            ax.set_xlabel("w_instruct")
+            ax.set_ylabel("w_domain")
+            ax.set_title(f"{metric} ({variant})", fontsize=10)
+            fig.colorbar(image, ax=ax, shrink=0.8)
+    best = sweep["best"]
+    fig.suptitle(f"weight sweep (best: {best['variant']}, w_domain={best['w_domain']}, w_instruct={best['w_instruct']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -42,10 +42,22 @@ def collect(repro: Reproduction) -> Dict[str, Any]:
         "results": rows,
         "sweep": {k: sweep[k] for k in ("metric", "best")} if sweep else None,
         "diagnostics": {k: diagnostics.get(k) for k in ("verdict", "overall", "by_module")} if diagnostics else None,
-        "pretrain": {k: pretrain.get(k) for k in ("tokens_seen", "steps", "perplexity_before", "perplexity_after", "data")
+        "pretrain": {k: pretrain.get(k) for k in ("steps", "tokens_seen", "train_loss", "heldout_before", "heldout_after", "data")
                      if k in pretrain} if pretrain else None,
         "plots": plots,
     }
+
+
+def _samples(results: Dict[str, Any], per_set: int = 2) -> List[str]:
+    rows = []
+    for label, result in results.items():
+        for name, scores in result.items():
+            if isinstance(scores, dict) and scores.get("samples"):
+                for sample in scores["samples"][:per_set]:
+                    cells = [label, name, sample["question"], sample["reference"], sample["answer"].strip() or "(empty)",
+                             "yes" if sample["ended"] else "no"]
+                    rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return rows
 
 
 def _cos_column(report: Dict[str, Any]):
@@ -74,9 +86,17 @@ def render(report: Dict[str, Any], title: str = "finmerge reproduction") -> str:
         lines += ["## Weight sweep", "", f"Best by `{report['sweep']['metric']}` on the sweep's own (validation) data: "
                   f"variant `{best['variant']}`, w_domain={best['w_domain']}, w_instruct={best['w_instruct']} "
                   f"({_fmt(best['metric'])}). Its numbers on the reported data are the `sweep best` row above.", ""]
+    samples = _samples(report["results"])
+    if samples:
+        lines += ["## Sample greedy answers", "", "| model | set | question | expected | answer | ended the turn |", "|---|---|---|---|---|---|"]
+        lines += samples + [""]
     if report.get("pretrain"):
         p = report["pretrain"]
-        lines += ["## Continual pretraining", "", "```json", json.dumps(p, indent=2)[:2000], "```", ""]
+        before, after = (p.get(k) or {} for k in ("heldout_before", "heldout_after"))
+        lines += ["## Continual pretraining", "",
+                  f"{p.get('steps')} steps, {p.get('tokens_seen')} tokens seen; held-out perplexity of the domain text "
+                  f"{_fmt(before.get('perplexity'), '.2f')} (base) -> {_fmt(after.get('perplexity'), '.2f')} (domain). "
+                  "Data report: report.json, `pretrain.data`.", ""]
     if report["plots"]:
         lines += ["## Plots", ""]
         for name, path in report["plots"].items():
