@@ -22,9 +22,11 @@ def _label_path(value: str):
 @click.option("--no-generate", is_flag=True, help="Skip greedy generation (likelihood metrics only).")
 @click.option("--chat-template-from", type=click.Path(), help="Model whose chat template is used for models without one (default: the first model that has one).")
 @click.option("--turn-end", help="Token that must end a chat answer, e.g. '<|im_end|>' (default: each model's own eos).")
+@click.option("--harness-tasks", help="Comma-separated lm-evaluation-harness tasks, run 0-shot on every model (pip install 'finmerge[harness]').")
+@click.option("--harness-include", type=click.Path(exists=True, file_okay=False), help="Folder of extra lm-eval task YAMLs (e.g. japanese-lm-fin-harness's tasks).")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice).")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model repositories (off by default).")
-def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, turn_end, threads, trust_remote_code):
+def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, turn_end, harness_tasks, harness_include, threads, trust_remote_code):
     """Evaluate MODELS (folders, optionally LABEL=FOLDER) on held-out text and chat QA.
 
     Prints one table (Markdown) and, with --out, writes the numbers as JSON.
@@ -32,20 +34,22 @@ def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size
     import torch
 
     from finmerge.evaluation.data import EvalDataError
+    from finmerge.evaluation.harness import HarnessUnavailable
     from finmerge.evaluation.run import EvalSettings, ModelLoadError, evaluate, markdown_table, write_results
 
-    if not text and not qa:
-        raise click.UsageError("give --text and/or --qa")
+    if not text and not qa and not harness_tasks:
+        raise click.UsageError("give --text, --qa and/or --harness-tasks")
     if threads:
         torch.set_num_threads(threads)
     qa_sets = dict(_label_path(v) if "=" in v else (os.path.splitext(os.path.basename(v))[0], v) for v in qa)
     settings = EvalSettings(text=text, qa=qa_sets, max_len=max_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             chat_template_from=chat_template_from, trust_remote_code=trust_remote_code, generate=not no_generate,
-                            turn_end=turn_end)
+                            turn_end=turn_end, harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
+                            harness_include=harness_include)
     try:
         results = evaluate(dict(_label_path(m) for m in models), settings,
                            progress=lambda label: click.echo(f"evaluated {label}", err=True))
-    except (EvalDataError, ModelLoadError) as error:
+    except (EvalDataError, ModelLoadError, HarnessUnavailable) as error:
         raise click.ClickException(str(error)) from error
     click.echo(markdown_table(results))
     if out_json:

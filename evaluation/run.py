@@ -23,6 +23,8 @@ class EvalSettings:
     trust_remote_code: bool = False
     generate: bool = True
     turn_end: Optional[str] = None  # token that must end a chat answer (default: each model's own eos)
+    harness_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks (the `harness` extra)
+    harness_include: Optional[str] = None  # folder of extra task YAMLs, e.g. japanese-lm-fin-harness's
 
 
 def load_model(path: str, trust_remote_code: bool = False):
@@ -77,6 +79,11 @@ def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> D
                 scores.update(metrics.chat_generation(model, tokenizer, items, chat_template, settings.max_new_tokens,
                                                       settings.batch_size * 2, settings.turn_end))
             result[name] = scores
+        if settings.harness_tasks:
+            from finmerge.evaluation.harness import run_harness
+
+            result["harness"] = run_harness(path, settings.harness_tasks, settings.harness_include,
+                                            batch_size=settings.batch_size, trust_remote_code=settings.trust_remote_code)
         results[label] = result
         if progress:
             progress(label)
@@ -97,10 +104,16 @@ QA_COLUMNS = [
 
 
 def table_columns(results: Dict[str, Dict]) -> List[Tuple[Tuple[str, ...], str, str]]:
+    from finmerge.evaluation.harness import primary_metric
+
     first = next(iter(results.values()))
     columns = [c for c in COLUMNS if c[0][0] in first]
-    for name in [k for k, v in first.items() if isinstance(v, dict) and k != "domain"]:
+    for name in [k for k, v in first.items() if isinstance(v, dict) and k not in ("domain", "harness")]:
         columns += [((name, key), f"{name} {header}", fmt) for key, header, fmt in QA_COLUMNS if key in first[name]]
+    for task, metrics in (first.get("harness") or {}).items():
+        metric = primary_metric(metrics)
+        if metric:
+            columns.append((("harness", task, metric), f"{task} {metric}", "{:.3f}"))
     return columns
 
 
