@@ -1,33 +1,39 @@
-"""`finmerge`: one command per step of the data flow (merge now; diagnose, pretrain, eval later).
+"""`finmerge`: one subcommand per step of the data flow.
 
-Subcommands load lazily, so `finmerge --help` does not pay for torch and mergekit.
+corpus -> `pretrain` -> checkpoint -> `merge` -> `diagnose` -> `eval` / `sweep`; `reproduce` runs the
+chain from one recipe and `demo` runs it on a generated world. Subcommands load only when run, so
+`finmerge --help` pays for neither torch nor mergekit.
 """
 
 import importlib
 
 import click
 
-# name -> "module:attribute" of a click command
+# name -> ("module:attribute" of the click command, one line for `finmerge --help`)
 COMMANDS = {
-    "demo": "finmerge.cli.demo:demo",
-    "diagnose": "finmerge.cli.diagnose:diagnose",
-    "eval": "finmerge.cli.eval:eval_command",
-    "merge": "finmerge.cli.merge:merge",
-    "pretrain": "finmerge.cli.pretrain:pretrain",
-    "reproduce": "finmerge.cli.reproduce:reproduce",
-    "sweep": "finmerge.cli.sweep:sweep",
+    "pretrain": ("finmerge.cli.pretrain:pretrain", "Continually pretrain a base model on domain text (the domain checkpoint)."),
+    "merge": ("finmerge.cli.merge:merge", "mergekit-yaml with domain_instruct's checks, instruct output and --overwrite."),
+    "diagnose": ("finmerge.cli.diagnose:diagnose", "How independent the domain and instruction vectors are, without merging."),
+    "eval": ("finmerge.cli.eval:eval_command", "Perplexity and chat QA for several checkpoints, one table."),
+    "sweep": ("finmerge.cli.sweep:sweep", "Merge over a grid of weights and variants; the best by a metric."),
+    "reproduce": ("finmerge.cli.reproduce:reproduce", "One recipe: pretrain -> merge -> diagnostics -> eval -> sweep -> report."),
+    "demo": ("finmerge.cli.demo:demo", "The whole method on a generated world, offline, in minutes."),
 }
 
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
-        return sorted(COMMANDS)
+        return list(COMMANDS)
 
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        module, attribute = COMMANDS[name].split(":")
+        module, attribute = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
 
 
 @click.group(cls=LazyGroup)

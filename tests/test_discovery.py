@@ -50,3 +50,15 @@ def test_installed_layout_is_namespaced():
     for generic in ("plugins", "pretrain", "cli", "demo", "recipes"):
         assert not os.path.exists(os.path.join(site, generic)), generic
         assert os.path.isdir(os.path.join(site, "finmerge", generic)), generic
+
+
+def test_every_subcommand_loads_and_help_imports_no_torch():
+    import click
+
+    from finmerge.cli.main import COMMANDS, cli
+
+    for name in COMMANDS:
+        assert isinstance(cli.get_command(None, name), click.Command), name
+    out = _python("import sys\nfrom click.testing import CliRunner\nfrom finmerge.cli.main import cli\n"
+                  "r = CliRunner().invoke(cli, ['--help'])\nprint(r.exit_code, 'torch' in sys.modules, all(n in r.output for n in %r))" % list(COMMANDS))
+    assert out == "0 False True"
