@@ -26,7 +26,8 @@ def _label_path(value: str):
 @click.option("--harness-include", type=click.Path(exists=True, file_okay=False), help="Folder of extra lm-eval task YAMLs (e.g. japanese-lm-fin-harness's tasks).")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice).")
 @click.option("--trust-remote-code", is_flag=True, help="Run code shipped with the model repositories (off by default).")
-def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, turn_end, harness_tasks, harness_include, threads, trust_remote_code):
+@click.option("--allow-pickle", is_flag=True, help="Accept models stored only as pickled .bin weights (unpickling can run code).")
+def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size, no_generate, chat_template_from, turn_end, harness_tasks, harness_include, threads, trust_remote_code, allow_pickle):
     """Evaluate MODELS (folders, optionally LABEL=FOLDER) on held-out text and chat QA.
 
     Prints one table (Markdown) and, with --out, writes the numbers as JSON.
@@ -45,7 +46,7 @@ def eval_command(models, text, qa, out_json, max_len, max_new_tokens, batch_size
     settings = EvalSettings(text=text, qa=qa_sets, max_len=max_len, max_new_tokens=max_new_tokens, batch_size=batch_size,
                             chat_template_from=chat_template_from, trust_remote_code=trust_remote_code, generate=not no_generate,
                             turn_end=turn_end, harness_tasks=[t for t in (harness_tasks or "").split(",") if t],
-                            harness_include=harness_include)
+                            harness_include=harness_include, allow_pickle=allow_pickle)
     try:
         results = evaluate(dict(_label_path(m) for m in models), settings,
                            progress=lambda label: click.echo(f"evaluated {label}", err=True))

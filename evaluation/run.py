@@ -21,19 +21,26 @@ class EvalSettings:
     batch_size: int = 16
     chat_template_from: Optional[str] = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # accept models stored only as pickled .bin weights
     generate: bool = True
     turn_end: Optional[str] = None  # token that must end a chat answer (default: each model's own eos)
     harness_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks (the `harness` extra)
     harness_include: Optional[str] = None  # folder of extra task YAMLs, e.g. japanese-lm-fin-harness's
 
 
-def load_model(path: str, trust_remote_code: bool = False):
+def load_model(path: str, trust_remote_code: bool = False, allow_pickle: bool = False):
+    import glob
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not allow_pickle and os.path.isdir(path) and not glob.glob(os.path.join(path, "*.safetensors")):
+        raise ModelLoadError(f"cannot load model {path}: no *.safetensors weights; pickled .bin weights are read only "
+                             "with --allow-pickle (unpickling can run code)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=None if allow_pickle else True)
     except Exception as error:
         raise ModelLoadError(f"cannot load model {path}: {type(error).__name__}: {str(error).splitlines()[0]}") from error
     return model.eval(), tokenizer
@@ -63,7 +70,7 @@ def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> D
     rows = None
     results = {}
     for label, path in models.items():
-        model, tokenizer = load_model(path, settings.trust_remote_code)
+        model, tokenizer = load_model(path, settings.trust_remote_code, settings.allow_pickle)
         result: Dict[str, object] = {"path": path}
         if texts is not None:
             rows = rows or metrics.encode_documents(tokenizer, texts, settings.max_len)

@@ -44,6 +44,8 @@ class PretrainConfig:
                                      "Rerunning the same command on it resumes; a different run there is refused. Required.")
     trust_remote_code: bool = _f(False, "Run the model repository's own Python code (needed by e.g. Qwen-v1/nekomata). "
                                         "Command line only: a config file cannot switch it on.", cli_only=True)
+    allow_pickle: bool = _f(False, "Accept a base model stored only as pickled .bin weights (unpickling can run code). "
+                                   "Default: safetensors only. Command line only.", cli_only=True)
     attn_implementation: Optional[str] = _f("sdpa", "Attention backend passed to from_pretrained (sdpa, eager, "
                                                     "flash_attention_2, ...); empty for the model's default.")
     # --- corpus -----------------------------------------------------------------------------------
@@ -145,7 +147,7 @@ class PretrainConfig:
 
 # Fields that change nothing about the trained weights: a rerun may differ in them and still resume.
 NOT_IN_FINGERPRINT = frozenset({
-    "output", "trust_remote_code", "num_threads", "save_steps", "save_total_limit", "logging_steps",
+    "output", "trust_remote_code", "allow_pickle", "num_threads", "save_steps", "save_total_limit", "logging_steps",
     "per_device_eval_batch_size",
 })
 

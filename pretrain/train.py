@@ -149,6 +149,17 @@ def load_model_config(config: PretrainConfig):
         raise PretrainError(f"model {config.model}: cannot load its config.json ({error}).") from None
 
 
+def check_weights_format(config: PretrainConfig) -> None:
+    """Refuse a local base stored only as pickles before any data is read (unpickling can run code)."""
+    import glob
+
+    if config.allow_pickle or not os.path.isdir(config.model):
+        return
+    if not glob.glob(os.path.join(config.model, "*.safetensors")):
+        raise PretrainError(f"model {config.model} has no *.safetensors weights; pickled .bin weights are read only "
+                            "with --allow-pickle (unpickling can run code). Or convert the checkpoint to safetensors.")
+
+
 def check_seq_len(config: PretrainConfig, model_config) -> None:
     for name in POSITION_LIMITS:
         limit = getattr(model_config, name, None)
@@ -291,6 +302,7 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
 
     model_config = load_model_config(config)
     check_seq_len(config, model_config)
+    check_weights_format(config)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -355,7 +367,8 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
     train_blocks = load_blocks(os.path.join(data_dir, "train.arrow"))
     eval_blocks = load_blocks(os.path.join(data_dir, "eval.arrow"))
 
-    load_kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code}
+    load_kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code,
+                   "use_safetensors": None if config.allow_pickle else True}
     if config.attn_implementation:
         load_kwargs["attn_implementation"] = config.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(config.model, **load_kwargs)

@@ -119,3 +119,20 @@ def test_cli_prints_one_table_for_several_models(tiny_family, tmp_path):
     assert saved["instruct"]["finance"]["accuracy"] == 1.0 and saved["b"]["domain"]["perplexity"] > 1
     bad = subprocess.run([finmerge, "eval", tiny_family.base, "--qa", str(tmp_path / "missing.jsonl")], capture_output=True, text=True)
     assert bad.returncode != 0 and "missing.jsonl does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_pickled_only_model_needs_allow_pickle(tiny_family, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_family.instruct, pickled)
+    state = load_file(str(pickled / "model.safetensors"))
+    (pickled / "model.safetensors").unlink()
+    torch.save(state, pickled / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights; .*--allow-pickle"):
+        load_model(str(pickled))
+    model, _ = load_model(str(pickled), allow_pickle=True)
+    reference, _ = load_model(tiny_family.instruct)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))

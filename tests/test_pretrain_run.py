@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from finmerge.pretrain.config import PretrainConfig
+from finmerge.pretrain.config import PretrainConfig, PretrainError
 from finmerge.pretrain.packing import load_blocks
 from pretrain_fixtures import finance_documents, finmerge, load_weights, write_jsonl
 
@@ -333,3 +333,20 @@ def test_domain_checkpoint_merges_with_the_domain_instruct_recipe(trained, tiny_
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(merged).config.architectures == ["LlamaForCausalLM"]
+
+
+def test_pickled_only_base_needs_allow_pickle(tiny_family, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_family.base, model)
+    state = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(40, seed=5))
+    with pytest.raises(PretrainError, match=r"no \*\.safetensors weights; .*--allow-pickle"):
+        _run_in_process(str(model), data, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    summary = _run_in_process(str(model), data, tmp_path / "allowed", allow_pickle=True)
+    assert summary["steps"] == 3
