@@ -106,6 +106,7 @@ def _facts(size: WorldSize, rng: random.Random) -> Tuple[List[Fact], List[Fact]]
         "instrument": lambda: pick(INSTRUMENTS), "pet": lambda: "a " + pick(ANIMALS),
         "birth year": lambda: str(rng.randint(1900, 2000)), "favorite color": lambda: pick(COLORS),
         "hometown river": lambda: "the " + name(), "teacher": lambda: name() + " " + name(),
+        "favorite dish": lambda: pick(FOODS), "favorite sport": lambda: pick(SPORTS),
     }
     general = []
     for city in cities:

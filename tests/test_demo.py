@@ -23,7 +23,7 @@ def test_world_is_seeded_and_keeps_finance_facts_out_of_general_text():
     finance_entities = {f["entity"] for f in a["facts"] if f["domain"] == "finance" and f["relation"] != "meaning"}
     general_text = " ".join(a["general_text"])
     assert finance_entities and not any(entity in general_text for entity in finance_entities)
-    assert len({f["relation"] for f in a["facts"] if f["domain"] == "general"}) >= 30 - 1
+    assert len({f["relation"] for f in a["facts"] if f["domain"] == "general"}) >= 30
     chats = {c["entity"] for c in a["instruct_chats"]}
     assert not chats & {q["entity"] for q in a["general_questions"]}  # held-out general questions are about other entities
 
