@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import click  # noqa: E402
 
-from finmerge.pretrain.config import PretrainConfig, PretrainError, build_config, field_type, fields  # noqa: E402
+from finmerge.pretrain.config import PretrainError, build_config, field_type, fields  # noqa: E402
 
 _CLICK_TYPES = {int: click.INT, float: click.FLOAT, str: click.STRING}
 

@@ -11,7 +11,6 @@ import re
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from finmerge.evaluation.data import QAItem
 

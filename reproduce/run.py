@@ -4,7 +4,6 @@ pretrain (optional) -> merge (plain `mergekit-yaml`, diagnostics written into OU
 -> report.md / report.json. Each stage is skipped when its settings and input files did not change.
 """
 
-import json
 import os
 import subprocess
 import sys

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from finmerge.demo.tiny_models import recipe, write_recipe
+from finmerge.demo.tiny_models import recipe
 from finmerge.plugins.method import NonFiniteTensorError
 from finmerge.plugins.preflight import RecipeError, preflight
 from merge_helpers import copy_model, run_merge, tensors

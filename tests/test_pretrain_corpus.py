@@ -1,6 +1,5 @@
 """Corpus reading and cleaning: formats, bad bytes, normalization, exact and near dedup, replay, hold-out."""
 
-import json
 import os
 import random
 

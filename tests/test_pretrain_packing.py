@@ -1,6 +1,5 @@
 """Packing: EOS per document, concatenate-and-chunk blocks, and the trainer's loss equals a by-hand loss."""
 
-import json
 import os
 import random
 

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.heatmap import draw_heatmap
