@@ -46,6 +46,16 @@ def copy_model(source: str, destination, edit_tensors=None, edit_config=None) ->
     return destination
 
 
+def pickled_copy(source: str, destination) -> str:
+    """A copy of a checkpoint whose weights are only a pickled pytorch_model.bin."""
+    destination = copy_model(source, destination)
+    path = os.path.join(destination, "model.safetensors")
+    state = load_file(path)
+    os.remove(path)
+    torch.save(state, os.path.join(destination, "pytorch_model.bin"))
+    return destination
+
+
 def expected_merge(family, w_d=1.0, w_i=1.0) -> dict:
     base, domain, instruct = (tensors(p) for p in (family.base, family.domain, family.instruct))
     return {k: base[k] + w_d * (domain[k] - base[k]) + w_i * (instruct[k] - base[k]) for k in base}

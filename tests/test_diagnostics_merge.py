@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from diagnostics_helpers import assert_stats_match, concatenated
 from finmerge.cli.main import cli
 from finmerge.demo.tiny_models import recipe, write_recipe
-from merge_helpers import copy_model, run_merge, tensors
+from merge_helpers import copy_model, pickled_copy, run_merge, tensors
 
 BIN = os.path.dirname(sys.executable)
 REPORT_FILES = ("diagnostics.json", "diagnostics.md", "diagnostics.png")
@@ -127,10 +127,7 @@ def test_diagnose_bad_model_is_a_clear_error(tiny_family, tmp_path, args, messag
 
 
 def test_diagnose_pickle_only_checkpoint_is_refused(tiny_family, tmp_path):
-    domain = copy_model(tiny_family.domain, tmp_path / "domain")
-    state = load_file(os.path.join(domain, "model.safetensors"))
-    os.remove(os.path.join(domain, "model.safetensors"))
-    torch.save(state, os.path.join(domain, "pytorch_model.bin"))
+    domain = pickled_copy(tiny_family.domain, tmp_path / "domain")
     result = CliRunner().invoke(cli, ["diagnose", "--base", tiny_family.base, "--domain", domain, "--instruct",
                                       tiny_family.instruct, "--out", str(tmp_path / "o"), "--quiet"])
     assert result.exit_code != 0 and "only pickled .bin weights" in result.output and "domain model" in result.output

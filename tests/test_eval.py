@@ -122,15 +122,9 @@ def test_cli_prints_one_table_for_several_models(tiny_family, tmp_path):
 
 
 def test_pickled_only_model_needs_allow_pickle(tiny_family, tmp_path):
-    import shutil
+    from merge_helpers import pickled_copy
 
-    from safetensors.torch import load_file
-
-    pickled = tmp_path / "pickled"
-    shutil.copytree(tiny_family.instruct, pickled)
-    state = load_file(str(pickled / "model.safetensors"))
-    (pickled / "model.safetensors").unlink()
-    torch.save(state, pickled / "pytorch_model.bin")
+    pickled = pickled_copy(tiny_family.instruct, tmp_path / "pickled")
     with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights; .*--allow-pickle"):
         load_model(str(pickled))
     model, _ = load_model(str(pickled), allow_pickle=True)

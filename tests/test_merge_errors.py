@@ -13,7 +13,7 @@ import torch
 from finmerge.demo.tiny_models import recipe
 from finmerge.plugins.method import NonFiniteTensorError
 from finmerge.plugins.preflight import RecipeError, preflight
-from merge_helpers import copy_model, run_merge, tensors
+from merge_helpers import copy_model, pickled_copy, run_merge, tensors
 
 
 def _config(merge):
@@ -131,9 +131,7 @@ def test_tie_word_embeddings_disagreement_warns(tiny_family, tmp_path, caplog):
 
 
 def test_pickled_weights_need_explicit_permission(tiny_family, tmp_path):
-    pickled = copy_model(tiny_family.domain, tmp_path / "pickled")
-    os.remove(os.path.join(pickled, "model.safetensors"))
-    torch.save(tensors(tiny_family.domain), os.path.join(pickled, "pytorch_model.bin"))
+    pickled = pickled_copy(tiny_family.domain, tmp_path / "pickled")
     merge = recipe(tiny_family)
     merge["models"][0]["model"] = pickled
     with pytest.raises(RecipeError, match=r"only pickled weights \(pytorch_model\.bin\).*--allow-pickle"):

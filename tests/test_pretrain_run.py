@@ -336,14 +336,9 @@ def test_domain_checkpoint_merges_with_the_domain_instruct_recipe(trained, tiny_
 
 
 def test_pickled_only_base_needs_allow_pickle(tiny_family, tmp_path):
-    import torch
-    from safetensors.torch import load_file
+    from merge_helpers import pickled_copy
 
-    model = tmp_path / "pickled"
-    shutil.copytree(tiny_family.base, model)
-    state = load_file(str(model / "model.safetensors"))
-    (model / "model.safetensors").unlink()
-    torch.save(state, model / "pytorch_model.bin")
+    model = pickled_copy(tiny_family.base, tmp_path / "pickled")
     data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(40, seed=5))
     with pytest.raises(PretrainError, match=r"no \*\.safetensors weights; .*--allow-pickle"):
         _run_in_process(str(model), data, tmp_path / "refused")
