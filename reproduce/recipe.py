@@ -84,7 +84,7 @@ def load_reproduction(path: str, workdir: Optional[str] = None) -> Reproduction:
     repro = Reproduction(
         path=os.path.abspath(path), workdir=workdir, merge=merge,
         output=_absolute(section.get("output", "merged"), workdir), stages=list(stages),
-        pretrain=section.get("pretrain"), eval=_files(section.get("eval") or {}, EVAL_KEYS, workdir, f"{path}: finmerge.eval"),
+        pretrain=_pretrain_section(section.get("pretrain"), workdir), eval=_files(section.get("eval") or {}, EVAL_KEYS, workdir, f"{path}: finmerge.eval"),
         sweep=_files(section["sweep"], SWEEP_KEYS, workdir, f"{path}: finmerge.sweep") if section.get("sweep") else None,
     )
     _check(repro, path)
@@ -100,6 +100,21 @@ def _resolve_models(merge: Dict[str, Any], workdir: str) -> Dict[str, Any]:
     for entry in merge.get("models") or []:
         entry["model"] = fix(entry["model"])
     return merge
+
+
+def _local_data(spec: str) -> bool:
+    return _looks_like_path(spec) and not spec.startswith("dataset:")
+
+
+def _pretrain_section(section: Optional[Dict[str, Any]], workdir: str) -> Optional[Dict[str, Any]]:
+    """The pretrain fields with local data paths made absolute once (hub ids and dataset: sources kept)."""
+    if not section:
+        return section
+    section = dict(section)
+    for key in ("data", "replay_data"):
+        if key in section:
+            section[key] = [_absolute(d, workdir) if _local_data(d) else d for d in section[key]]
+    return section
 
 
 def _files(section: Dict[str, Any], known: set, workdir: str, where: str) -> Dict[str, Any]:
@@ -143,8 +158,7 @@ def _check(repro: Reproduction, path: str) -> None:
     if repro.sweep:
         files += [repro.sweep.get("text"), *(repro.sweep.get("qa") or {}).values()]
     for data in (repro.pretrain or {}).get("data", []) + (repro.pretrain or {}).get("replay_data", []):
-        local = _looks_like_path(data) and not data.startswith("dataset:")
-        files.append(_absolute(data, repro.workdir) if local else None)
+        files.append(data if _local_data(data) else None)
     for file in filter(None, files):
         if not os.path.exists(file):
             raise ReproductionError(f"{path}: file {file} does not exist")

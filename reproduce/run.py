@@ -28,10 +28,6 @@ def _pretrain(repro: Reproduction, threads: Optional[int]) -> None:
     from finmerge.pretrain.train import run_pretraining
 
     overrides = {**repro.pretrain, "model": repro.model("base"), "output": repro.model("domain")}
-    for key in ("data", "replay_data"):
-        if key in overrides:
-            overrides[key] = [os.path.join(repro.workdir, d) if not os.path.isabs(d) and os.path.exists(os.path.join(repro.workdir, d)) else d
-                              for d in overrides[key]]
     if threads:
         overrides["num_threads"] = threads
     run_pretraining(build_config(None, overrides))
@@ -54,7 +50,7 @@ def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Ca
     stages = Stages(repro.workdir, log=log)
     models = {"base": repro.model("base"), "domain": repro.model("domain"), "instruct": repro.model("instruct")}
     if "pretrain" in repro.stages:
-        key = stage_key({"pretrain": repro.pretrain}, [models["base"], *repro.pretrain.get("data", [])])
+        key = stage_key({"pretrain": repro.pretrain}, [models["base"], *repro.pretrain.get("data", []), *repro.pretrain.get("replay_data", [])])
         stages.run("pretrain", key, lambda: _pretrain(repro, threads), output=models["domain"], resumable=True)
     if "merge" in repro.stages:
         key = stage_key({"merge": repro.merge}, list(models.values()))

@@ -103,3 +103,16 @@ def test_missing_recipe_and_cli_error_is_clean(tmp_path):
     finmerge = os.path.join(os.path.dirname(sys.executable), "finmerge")
     result = subprocess.run([finmerge, "reproduce", str(tmp_path / "nope.yml")], capture_output=True, text=True)
     assert result.returncode != 0 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pretrain_data_paths_are_read_from_the_workdir_whatever_the_current_folder(tiny_family, tmp_path, monkeypatch):
+    """The pretrain stage's key must see the corpus itself, so an edited corpus redoes the stage."""
+    from finmerge.reproduce.stages import stage_key
+
+    path = _workdir(tiny_family, tmp_path)
+    monkeypatch.chdir("/")
+    repro = load_reproduction(path)
+    assert repro.pretrain["data"] == [str(tmp_path / "corpus.txt")]
+    before = stage_key({}, repro.pretrain["data"])
+    (tmp_path / "corpus.txt").write_text("\n\n".join(CORPUS * 11))
+    assert stage_key({}, repro.pretrain["data"]) != before
