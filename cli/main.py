@@ -6,6 +6,7 @@ chain from one recipe and `demo` runs it on a generated world. Subcommands load 
 """
 
 import importlib
+import os
 
 import click
 
@@ -31,9 +32,32 @@ class LazyGroup(click.Group):
         module, attribute = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attribute)
 
+    def invoke(self, ctx):
+        """Bad input ends in one message and exit code 1, never a traceback (FINMERGE_DEBUG=1 shows it)."""
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as error:
+            if os.environ.get("FINMERGE_DEBUG"):
+                raise
+            raise click.ClickException(describe_error(error)) from error
+
     def format_commands(self, ctx, formatter):
         with formatter.section("Commands"):
             formatter.write_dl([(name, short) for name, (_, short) in COMMANDS.items()])
+
+
+def describe_error(error: BaseException) -> str:
+    """One paragraph for the user: our own input errors as they are, anything else with its type."""
+    from finmerge.safety.errors import InputError
+
+    text = " ".join(str(error).split()) or repr(error)
+    if isinstance(error, InputError):
+        return text
+    name = type(error).__name__
+    hint = "; set FINMERGE_DEBUG=1 to see the traceback" if not isinstance(error, (OSError, ValueError)) else ""
+    return f"{name}: {text}{hint}"
 
 
 @click.group(cls=LazyGroup)

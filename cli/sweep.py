@@ -20,7 +20,7 @@ def _floats(text: str):
 def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max_new_tokens):
     """Merge RECIPE for every (w_domain, w_instruct) and variant, evaluate each, report the best."""
     from finmerge.evaluation.run import EvalSettings
-    from finmerge.evaluation.sweep import SweepSettings, run_sweep, sweep_markdown, write_sweep
+    from finmerge.sweep.run import SweepSettings, run_sweep, sweep_markdown, write_sweep
     from finmerge.reproduce.recipe import ReproductionError, load_reproduction
 
     try:

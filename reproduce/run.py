@@ -45,7 +45,7 @@ def _merge(repro: Reproduction, extra_args=()) -> None:
 def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print,
                      merge_args=()) -> Dict:
     from finmerge.evaluation.run import evaluate, write_results
-    from finmerge.evaluation.sweep import SweepSettings, run_sweep, write_sweep
+    from finmerge.sweep.run import SweepSettings, run_sweep, write_sweep
 
     stages = Stages(repro.workdir, log=log)
     models = {"base": repro.model("base"), "domain": repro.model("domain"), "instruct": repro.model("instruct")}

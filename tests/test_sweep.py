@@ -7,7 +7,7 @@ import torch
 
 from finmerge.demo.tiny_models import CHATS, recipe
 from finmerge.evaluation.run import EvalSettings
-from finmerge.evaluation.sweep import SweepSettings, run_sweep, variant_recipe, write_sweep
+from finmerge.sweep.run import SweepSettings, run_sweep, variant_recipe, write_sweep
 from merge_helpers import expected_merge, run_merge, tensors
 
 
@@ -60,7 +60,7 @@ def test_metric_that_is_never_computed_is_an_error(tiny_family, tmp_path):
 
 
 def test_ranking_breaks_ties_left_to_right_and_minimizes_with_minus():
-    from finmerge.evaluation.sweep import ranking_key
+    from finmerge.sweep.run import ranking_key
 
     a = {"f": {"strict": 0.0, "eos": 1.0, "nll": 2.0}}
     b = {"f": {"strict": 0.0, "eos": 0.5, "nll": 1.0}}
