@@ -5,7 +5,8 @@ the two non-base models carry a `role`, so the rest of the plugin knows which on
 model (whose tokenizer, chat template and eos the output must carry) and which is the domain one.
 """
 
-from typing import Literal, Tuple
+import contextlib
+from typing import Iterator, List, Literal, Optional, Tuple
 
 import torch
 
@@ -32,6 +33,60 @@ class NonFiniteTensorError(ValueError):
     """An input tensor holds NaN or Inf: merging it would silently poison the output."""
 
 
+class OverflowTensorError(ValueError):
+    """Finite inputs whose merge does not fit the output dtype: it would be written as Inf."""
+
+
+class InstructRowsError(ValueError):
+    """The `instruct_rows` parameter is not a list of token ids that fit the vocabulary."""
+
+
+# The dtype mergekit will save in (`out_dtype:`), set around a merge by finmerge.plugins.run; the
+# kernel returns the input dtype and mergekit casts later, so an overflow there would go unseen.
+_saved_dtype: Optional[torch.dtype] = None
+
+
+@contextlib.contextmanager
+def saved_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    global _saved_dtype
+    previous, _saved_dtype = _saved_dtype, dtype
+    try:
+        yield
+    finally:
+        _saved_dtype = previous
+
+
+def _largest_finite(dtype: torch.dtype) -> float:
+    limits = [torch.finfo(d).max for d in (dtype, _saved_dtype) if d is not None and d.is_floating_point]
+    return min(limits) if limits else float("inf")
+
+
+def parse_rows(instruct_rows: str) -> List[int]:
+    """"3, 4,5" -> [3, 4, 5]; "" -> []."""
+    rows = []
+    for item in str(instruct_rows or "").replace(" ", "").split(","):
+        if not item:
+            continue
+        if not item.isdigit():
+            raise InstructRowsError(
+                f"{METHOD_NAME}: parameter instruct_rows must be comma-separated token ids such as \"3,4,5\"; "
+                f"got {instruct_rows!r}")
+        rows.append(int(item))
+    return sorted(set(rows))
+
+
+def vocabulary_axis(group: TensorGroup) -> Optional[int]:
+    """The axis indexed by token id (embedding, lm_head), from mergekit's metadata or the tensor name."""
+    if group.metadata.vocabulary_axis is not None:
+        return group.metadata.vocabulary_axis
+    name = group.metadata.name or ""
+    if "wpe" in name.split(".") or "position" in name:
+        return None  # position embeddings: rows are positions, not tokens
+    from finmerge.plugins.diagnostics.names import module_of
+
+    return 0 if module_of(name) in ("embed", "lm_head") and group.base.tensor.dim() == 2 else None
+
+
 def split_roles(group: TensorGroup, role) -> Tuple[TensorEntry, TensorEntry]:
     """Return (domain, instruct) entries, or explain which models have which role."""
     by_role = {r: [e for e in group.non_base if role[e.id] == r] for r in ROLES}
@@ -44,13 +99,36 @@ def split_roles(group: TensorGroup, role) -> Tuple[TensorEntry, TensorEntry]:
     return by_role["domain"][0], by_role["instruct"][0]
 
 
-def _raise_non_finite(group: TensorGroup, chunks) -> None:
+def _raise_non_finite(group: TensorGroup, chunks, merged: torch.Tensor, limit: float) -> None:
     for entry, chunk in chunks:
         if not torch.isfinite(chunk).all():
             raise NonFiniteTensorError(
                 f"model {entry.id} has NaN or Inf values in tensor {group.metadata.name}; "
                 "fix or re-export that checkpoint before merging"
             )
+    largest = merged.abs().max().item()
+    raise OverflowTensorError(
+        f"tensor {group.metadata.name}: the merged values reach {largest:.6g}, beyond the largest finite "
+        f"value {limit:.6g} of the output dtype, so they would be written as Inf; lower the weights, or "
+        "merge/save in a wider dtype (dtype/out_dtype: bfloat16 or float32 instead of float16)"
+    )
+
+
+def _instruct_only_rows(out: torch.Tensor, group: TensorGroup, entries, w_i: float, rows: List[int],
+                        compute: torch.dtype) -> None:
+    """Rows of the token embedding/lm_head for `rows` get base + w_i·τ_i: no domain vector there."""
+    axis = vocabulary_axis(group)
+    if axis is None or not rows:
+        return
+    size = out.shape[axis]
+    if rows[-1] >= size:
+        raise InstructRowsError(
+            f"{METHOD_NAME}: instruct_rows has token id {rows[-1]}, but tensor {group.metadata.name} has only "
+            f"{size} rows (vocabulary size); use ids of the instruct model's tokenizer")
+    index = torch.tensor(rows, dtype=torch.long, device=out.device)
+    base, instruct = (e.tensor.index_select(axis, index).to(compute) for e in entries)
+    merged = base.add_(instruct.sub_(base), alpha=w_i)
+    out.index_copy_(axis, index, merged.to(out.dtype))
 
 
 @merge_method(
@@ -63,11 +141,16 @@ def domain_instruct_merge(
     group: TensorGroup,
     role: PerNonBase[Role],
     weight: PerNonBase[float] = 1.0,
+    instruct_rows: str = "",
 ) -> torch.Tensor:
+    """`instruct_rows`: comma-separated token ids whose rows in the token embedding and lm_head take
+    only the instruction vector (e.g. chat-control tokens, whose end-of-turn habit τ_d may dilute)."""
     base = group.base
     domain, instruct = split_roles(group, role)
     w_d, w_i = weight[domain.id], weight[instruct.id]
+    rows = parse_rows(instruct_rows)
     compute = torch.float64 if base.tensor.dtype == torch.float64 else torch.float32
+    limit = _largest_finite(base.tensor.dtype)
 
     out = torch.empty_like(base.tensor, memory_format=torch.contiguous_format)
     flat_out = out.view(-1)
@@ -84,14 +167,16 @@ def domain_instruct_merge(
         tau_d.copy_(flat[1][start:stop]).sub_(b)
         tau_i.copy_(flat[2][start:stop]).sub_(b)
         torch.add(b, tau_d, alpha=w_d, out=merged).add_(tau_i, alpha=w_i)
-        # NaN/Inf anywhere makes the sum non-finite; the sum is one cheap read, isfinite(...).all() is not
-        if not torch.isfinite(merged.sum()) and not torch.isfinite(merged).all():
-            _raise_non_finite(group, zip((base, domain, instruct), (b, tau_d, tau_i)))
+        # NaN/Inf in an input, or finite values beyond what the output dtype holds (fp16: 65504)
+        low, high = torch.aminmax(merged)  # one pass, no temporary; NaN propagates
+        if not (-limit <= low.item() and high.item() <= limit):
+            _raise_non_finite(group, zip((base, domain, instruct), (b, tau_d, tau_i)), merged, limit)
         flat_out[start:stop].copy_(merged)
         if accumulator is not None:
             accumulator.update(b, tau_d, tau_i, scratch=merged)
     if accumulator is not None:
         stats.finish_tensor(accumulator)
+    _instruct_only_rows(out, group, (base, instruct), w_i, rows, compute)
     return out
 
 

@@ -118,9 +118,14 @@ def test_roles_must_be_one_of_each(roles, message):
 
 
 def test_unknown_role_rejected_by_parameter_validation():
-    with pytest.raises(Exception, match="domain|instruct"):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
         merge_state_dicts(_models(), domain_instruct_merge,
                           parameters={"role": {"domain": "domain", "instruct": "chat"}}, base="base")
+    message = str(caught.value)
+    # the user sees the value they wrote and the two values allowed
+    assert "'chat'" in message and "'domain' or 'instruct'" in message
 
 
 def test_needs_base_and_two_models():
@@ -151,3 +156,97 @@ def test_inputs_are_not_modified():
     for role, state_dict in models.items():
         for name, tensor in state_dict.items():
             assert torch.equal(tensor, before[role][name]), (role, name)
+
+
+# --- instruct_rows: chosen vocabulary rows take only the instruction vector ---------------------
+
+def _with_llama_embedding_name(models):
+    """The token embedding under its Llama name (the in-memory API has no vocabulary metadata)."""
+    return {label: {("model.embed_tokens.weight" if k == "embed.weight" else k): v for k, v in m.items()}
+            for label, m in models.items()}
+
+
+def test_instruct_rows_take_only_the_instruction_vector():
+    models = _with_llama_embedding_name(_models())
+    rows = [3, 7, 41]
+    ours = merge_state_dicts(models, domain_instruct_merge, base="base",
+                             parameters={**ROLES, "weight": {"domain": 0.8, "instruct": 1.2}, "instruct_rows": "41, 3,7"})
+    b, d, i = (m["model.embed_tokens.weight"] for m in (models["base"], models["domain"], models["instruct"]))
+    summed = b + 0.8 * (d - b) + 1.2 * (i - b)
+    instruct_only = b + 1.2 * (i - b)
+    other = [r for r in range(b.shape[0]) if r not in rows]
+    assert torch.allclose(ours["model.embed_tokens.weight"][rows], instruct_only[rows], atol=1e-6, rtol=0)
+    assert torch.allclose(ours["model.embed_tokens.weight"][other], summed[other], atol=1e-6, rtol=0)
+    # tensors without a vocabulary axis are the plain formula
+    for name in ("layers.0.q_proj.weight", "norm.weight"):
+        b, d, i = (m[name] for m in (models["base"], models["domain"], models["instruct"]))
+        assert torch.allclose(ours[name], b + 0.8 * (d - b) + 1.2 * (i - b), atol=1e-6, rtol=0)
+
+
+def test_instruct_rows_follow_mergekit_vocabulary_axis():
+    """lm_head stored as [hidden, vocab] (axis 1): the metadata's axis decides, not the name."""
+    generator = torch.Generator().manual_seed(3)
+    b, d, i = (torch.randn(8, 20, generator=generator) for _ in range(3))
+    from mergekit.merge_methods.base import TensorGroup
+
+    group = TensorGroup.from_tensors([b, d, i], ids=["base", "domain", "instruct"], base_index=0,
+                                     name="lm_head.weight", vocabulary_axis=1)
+    (out,) = domain_instruct_merge((group,), parameters={**ROLES, "instruct_rows": "5"})
+    expected = b + (d - b) + (i - b)
+    expected[:, 5] = i[:, 5]
+    assert torch.allclose(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("rows,message", [("3,x", "comma-separated token ids"), ("-1", "comma-separated"),
+                                          ("50", "has only 50 rows")])
+def test_instruct_rows_bad_values(rows, message):
+    with pytest.raises(method_module.InstructRowsError, match=message):
+        merge_state_dicts(_with_llama_embedding_name(_models()), domain_instruct_merge, base="base", parameters={**ROLES, "instruct_rows": rows})
+
+
+# --- overflow: finite inputs whose merge does not fit the output dtype -------------------------
+
+def test_fp16_overflow_is_refused_not_written_as_inf():
+    base = {"w": torch.full((4,), 30000.0, dtype=torch.float16)}
+    models = {"base": base, "domain": {"w": base["w"] + 20000}, "instruct": {"w": base["w"] + 20000}}
+    assert all(torch.isfinite(m["w"]).all() for m in models.values())
+    # mergekit's own task_arithmetic writes Inf here: the reason for the check
+    reference = merge_state_dicts(models, "task_arithmetic", parameters={"weight": {"domain": 1.0, "instruct": 1.0}}, base="base")
+    assert torch.isinf(reference["w"]).all()
+    with pytest.raises(method_module.OverflowTensorError, match="tensor w.*65504"):
+        merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")
+
+
+def test_overflow_at_the_saved_dtype_is_refused():
+    base = {"w": torch.full((4,), 30000.0)}
+    models = {"base": base, "domain": {"w": base["w"] + 20000}, "instruct": {"w": base["w"] + 20000}}
+    assert torch.isfinite(merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")["w"]).all()
+    with method_module.saved_dtype(torch.float16):
+        with pytest.raises(method_module.OverflowTensorError):
+            merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")
+    with method_module.saved_dtype(torch.bfloat16):  # bf16 has fp32's range: fine
+        merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")
+
+
+def test_instruct_rows_through_a_real_merge(tiny_family, tmp_path):
+    """mergekit's planner supplies the vocabulary axis: embedding and lm_head rows, nothing else."""
+    from merge_helpers import expected_merge, run_merge, tensors
+
+    rows = [1, 2, 3]
+    recipe = {
+        "merge_method": "domain_instruct", "base_model": tiny_family.base, "dtype": "float32",
+        "parameters": {"instruct_rows": ",".join(map(str, rows))},
+        "models": [{"model": tiny_family.domain, "parameters": {"role": "domain", "weight": 1.0}},
+                   {"model": tiny_family.instruct, "parameters": {"role": "instruct", "weight": 1.0}}],
+    }
+    run_merge(recipe, tmp_path / "out")
+    merged, summed = tensors(tmp_path / "out"), expected_merge(tiny_family)
+    base, instruct = tensors(tiny_family.base), tensors(tiny_family.instruct)
+    vocab_tensors = [n for n in summed if n.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert len(vocab_tensors) == 2
+    for name, expected in summed.items():
+        if name in vocab_tensors:
+            expected = expected.clone()
+            expected[rows] = instruct[name][rows]  # base + 1·τ_i
+            assert not torch.allclose(summed[name][rows], instruct[name][rows], atol=1e-6)
+        assert torch.allclose(merged[name], expected, atol=1e-6, rtol=0), name
