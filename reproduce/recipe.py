@@ -19,11 +19,12 @@
 `workdir` defaults to the recipe's folder; `mergekit-yaml` reads relative paths from the current
 folder, so run it from the workdir to merge the same models.
 
-Everything is checked here, before any stage runs: the recipe must be UTF-8 YAML, every key known and
-of the right type, every input present. `trust_remote_code`/`allow_pickle` are refused anywhere in
-the recipe (they come from the command line only), and the outputs (merged model, the pretrain
-stage's domain model, sweep/ and best-merge/) may not be the workdir or an ancestor of it, may not
-overlap an input or each other, and may not be an existing folder finmerge did not create.
+Checked when the recipe is loaded: it must be UTF-8 YAML, every key known and of the right type,
+every input present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they
+come from the command line only). Checked before any stage runs (check_locations): the outputs
+(merged model, the pretrain stage's domain model, sweep/ and best-merge/) may not be the workdir or
+an ancestor of it, may not overlap an input or each other, and may not be an existing folder
+finmerge did not create.
 """
 
 import copy
@@ -214,7 +215,6 @@ def load_reproduction(path: str, workdir: Optional[str] = None) -> Reproduction:
     _check(repro, path)
     _check_sweep(repro, path)
     _check_pretrain(repro, f"{where}.pretrain")
-    _check_locations(repro, path)
     return repro
 
 
@@ -347,8 +347,12 @@ def _overlap(a: str, b: str) -> bool:
     return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
 
 
-def _check_locations(repro: Reproduction, path: str) -> None:
-    """Outputs: not the workdir or above it, not an input, not each other, not a folder of the user's."""
+def check_locations(repro: Reproduction) -> None:
+    """Outputs: not the workdir or above it, not an input, not each other, not a folder of the user's.
+
+    run_reproduction calls this before any stage runs (`finmerge sweep` reads the same recipes but
+    writes none of these folders)."""
+    path = repro.path
     outputs: List[Tuple[str, str]] = list(repro.outputs().items())
     inputs = repro.inputs()
     for what, output in outputs:

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import yaml
 
-from finmerge.reproduce.recipe import Reproduction
+from finmerge.reproduce.recipe import Reproduction, check_locations
 from finmerge.reproduce.stages import Stages
 from finmerge.safety.outputs import atomic_write_text
 
@@ -102,6 +102,7 @@ def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Ca
     from finmerge.evaluation.run import evaluate, write_results
     from finmerge.sweep.run import SweepSettings, run_sweep, write_sweep
 
+    check_locations(repro)  # before anything is written
     flags = flags_of(trust_remote_code, allow_pickle)
     stages = Stages(repro.workdir, log=log)
     models = {"base": repro.model("base"), "domain": repro.model("domain"), "instruct": repro.model("instruct")}

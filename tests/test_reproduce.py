@@ -40,6 +40,9 @@ def test_all_stages_then_rerun_skips_them(tiny_family, tmp_path):
     repro = load_reproduction(path)
     first = run_reproduction(repro, log=lambda m: None)
     assert first["stages"] == {"pretrain": False, "merge": False, "eval": False}
+    # the real merge stage (mergekit-yaml moves its folder into place): the marker is there afterwards
+    assert (tmp_path / "merged" / ".finmerge-output").is_file() and (tmp_path / "domain" / ".finmerge-output").is_file()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
     report = collect(repro)
     assert set(report["results"]) == {"base", "domain", "instruct", "merged"}
     assert report["results"]["merged"]["chat"]["accuracy"] is not None
@@ -365,7 +368,8 @@ def test_stage_outputs_carry_the_marker_and_only_they_are_cleared(tiny_family, t
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "mine.txt").write_text("mine")
     with pytest.raises(ReproductionError, match="not created by finmerge"):
-        load_reproduction(path)
+        run_reproduction(load_reproduction(path), log=lambda m: None)
+    assert fakes.ran() == []
     assert (tmp_path / "merged" / "mine.txt").read_text() == "mine"
 
 
