@@ -175,7 +175,7 @@ def _typed(section: Any, fields: Dict[str, str], where: str) -> Dict[str, Any]:
         raise ReproductionError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(fields))})")
     for key, value in section.items():
         want, ok = KINDS[fields[key]]
-        if not ok(value):
+        if value is not None and not ok(value):  # null: not given
             raise ReproductionError(f"{where}.{key} must be {want}; got {value!r}")
     return dict(section)
 

@@ -28,11 +28,16 @@ def flags_of(trust_remote_code: bool = False, allow_pickle: bool = False) -> Dic
     return {"trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
 
 
+def _given(values: Optional[Dict]) -> Dict:
+    """A recipe section without its null fields (null means "not given": the default applies)."""
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
 def _eval_settings(section: Dict, flags: Dict[str, bool], knobs_from: Optional[Dict] = None):
     """Data (text, qa) from `section`; generation/batching knobs from `knobs_from` unless `section` sets them."""
     from finmerge.evaluation.run import EvalSettings
 
-    knobs = {k: v for k, v in {**(knobs_from or {}), **section}.items() if k in EVAL_KNOBS}
+    knobs = {k: v for k, v in {**_given(knobs_from), **_given(section)}.items() if k in EVAL_KNOBS}
     return EvalSettings(text=section.get("text"), qa=dict(section.get("qa") or {}), **knobs, **flags)
 
 
@@ -124,7 +129,7 @@ def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Ca
     if "sweep" in repro.stages:
         section = repro.sweep
         settings = SweepSettings(eval=_eval_settings(section, flags, repro.eval),
-                                 **{k: section[k] for k in ("w_domain", "w_instruct", "variants", "metric") if k in section})
+                                 **{k: section[k] for k in ("w_domain", "w_instruct", "variants", "metric") if section.get(k) is not None})
         report_eval = _eval_settings(repro.eval, flags)
         # the sweep reads its own question files, and the best merge is evaluated on the reported ones
         question_files = [settings.eval.text or "", *settings.eval.qa.values(), report_eval.text or "", *report_eval.qa.values()]

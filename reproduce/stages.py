@@ -61,6 +61,7 @@ class HashCache:
 
     def save(self) -> None:
         if self.path and self.changed:
+            self.entries = {path: entry for path, entry in self.entries.items() if os.path.exists(path)}
             atomic_write_json(self.path, self.entries, indent=None)
             self.changed = False
 

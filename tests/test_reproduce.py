@@ -297,11 +297,18 @@ def test_the_cli_passes_both_flags(tiny_family, tmp_path, monkeypatch):
 
 # --- reproduce deletes only what it created -----------------------------------------------------------------
 
-def _cli_fails(path, *mentions, protect=()):
+def _cli_fails(path, *mentions, protect=(), installed=False):
+    """`finmerge reproduce PATH` fails cleanly, naming `mentions`, and leaves `protect` as it was.
+
+    In-process through the real command group unless `installed` (the console script, ~10 s more)."""
     from tests.bad_input import assert_clean_failure, command, run, snapshot
+    from tests.test_bad_input_reproduce import invoke
 
     before = snapshot(*protect)
-    result = run([command("finmerge"), "reproduce", path])
+    if installed:
+        result = run([command("finmerge"), "reproduce", path])
+    else:
+        result = invoke(["reproduce", path], cwd=os.path.dirname(path))
     return assert_clean_failure(result, mentions=mentions, before=before)
 
 
@@ -310,7 +317,8 @@ def test_output_is_a_users_folder(tiny_family, tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
     path = _workdir(tiny_family, tmp_path, stages=["merge"], domain=tiny_family.domain, output="./precious")
-    message = _cli_fails(path, "precious", "not created by finmerge", "move that one away", protect=[tmp_path / "precious"])
+    message = _cli_fails(path, "precious", "not created by finmerge", "move that one away", protect=[tmp_path / "precious"],
+                         installed=True)
     assert "Error:" in message
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "years of work"
 
