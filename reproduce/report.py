@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from finmerge.evaluation.run import markdown_table
 from finmerge.reproduce.recipe import Reproduction
+from finmerge.safety.outputs import atomic_write_json, atomic_write_text
 
 
 def _load(path: str) -> Optional[Any]:
@@ -21,8 +22,10 @@ def _fmt(value, spec=".3f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def collect(repro: Reproduction) -> Dict[str, Any]:
-    """Everything the stages left in the workdir, as one dictionary (what report.json holds)."""
+def collect(repro: Reproduction, flags: Optional[Dict[str, bool]] = None) -> Dict[str, Any]:
+    """Everything the stages left in the workdir, as one dictionary (what report.json holds).
+
+    `flags`: the command-line flags the run was given (trust_remote_code, allow_pickle)."""
     rows = _load(os.path.join(repro.workdir, "eval.json")) or {}
     sweep = _load(os.path.join(repro.workdir, "sweep", "sweep.json"))
     best_eval = _load(os.path.join(repro.workdir, "sweep", "best_eval.json"))
@@ -38,6 +41,7 @@ def collect(repro: Reproduction) -> Dict[str, Any]:
     }.items() if os.path.isfile(path)}
     return {
         "recipe": repro.path, "workdir": repro.workdir, "merged": repro.output, "stages": repro.stages,
+        "flags": {"trust_remote_code": False, "allow_pickle": False, **(flags or {})},
         "models": {r: repro.model(r) for r in ("base", "domain", "instruct")},
         "results": rows,
         "sweep": {k: sweep[k] for k in ("metric", "best")} if sweep else None,
@@ -70,7 +74,11 @@ def render(report: Dict[str, Any], title: str = "finmerge reproduction") -> str:
     columns, cos = _cos_column(report)
     rows = {label: {**r, "__cos__": cos if label not in ("base", "domain", "instruct") else None}
             for label, r in report["results"].items()}
-    lines = [f"# {title}", "", f"Recipe: `{report['recipe']}`  ", f"Merged model: `{report['merged']}`", ""]
+    flags = report.get("flags") or {}
+    given = [f"--{name.replace('_', '-')}" for name, on in flags.items() if on]
+    lines = [f"# {title}", "", f"Recipe: `{report['recipe']}`  ", f"Merged model: `{report['merged']}`  ",
+             "Command-line flags: " + (", ".join(f"`{g}`" for g in given) if given else
+                                       "none (no model code run, no pickled weights read)"), ""]
     if rows:
         lines += ["## Evaluation", "", markdown_table(rows, columns), ""]
     diagnostics = report.get("diagnostics")
@@ -107,8 +115,6 @@ def render(report: Dict[str, Any], title: str = "finmerge reproduction") -> str:
 
 def write_report(report: Dict[str, Any], title: str = "finmerge reproduction") -> Dict[str, str]:
     paths = {"md": os.path.join(report["workdir"], "report.md"), "json": os.path.join(report["workdir"], "report.json")}
-    with open(paths["md"], "w", encoding="utf-8") as handle:
-        handle.write(render(report, title))
-    with open(paths["json"], "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    atomic_write_text(paths["md"], render(report, title))
+    atomic_write_json(paths["json"], report, sort_keys=False)
     return paths

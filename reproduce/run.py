@@ -1,80 +1,148 @@
 """`finmerge reproduce`: run a reproduction recipe's stages and write one report beside the outputs.
 
 pretrain (optional) -> merge (plain `mergekit-yaml`, diagnostics written into OUT) -> eval -> sweep
--> report.md / report.json. Each stage is skipped when its settings and input files did not change.
+-> report.md / report.json. Each stage is skipped when nothing it depends on changed (see stages.py).
+
+`trust_remote_code` and `allow_pickle` come from the command line only (the recipe cannot set them,
+recipe.py refuses it) and reach every stage: pretraining, the `mergekit-yaml` subprocess
+(`--trust-remote-code`, FINMERGE_ALLOW_PICKLE=1), evaluation and the sweep.
 """
 
+import contextlib
+import inspect
 import os
 import subprocess
 import sys
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, Optional
 
 import yaml
 
-from finmerge.reproduce.recipe import Reproduction
-from finmerge.reproduce.stages import Stages, stage_key
+from finmerge.reproduce.recipe import Reproduction, check_locations
+from finmerge.reproduce.stages import Stages
+from finmerge.safety.outputs import atomic_write_text
+
+EVAL_KNOBS = ("max_len", "max_new_tokens", "batch_size", "generate", "turn_end")
 
 
-def _eval_settings(section: Dict, knobs_from: Optional[Dict] = None):
+def flags_of(trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict[str, bool]:
+    return {"trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
+
+
+def _given(values: Optional[Dict]) -> Dict:
+    """A recipe section without its null fields (null means "not given": the default applies)."""
+    return {k: v for k, v in (values or {}).items() if v is not None}
+
+
+def _eval_settings(section: Dict, flags: Dict[str, bool], knobs_from: Optional[Dict] = None):
     """Data (text, qa) from `section`; generation/batching knobs from `knobs_from` unless `section` sets them."""
     from finmerge.evaluation.run import EvalSettings
 
-    knobs = {k: v for k, v in {**(knobs_from or {}), **section}.items() if k in ("max_len", "max_new_tokens", "batch_size", "generate", "turn_end")}
-    return EvalSettings(text=section.get("text"), qa=dict(section.get("qa") or {}), **knobs)
+    knobs = {k: v for k, v in {**_given(knobs_from), **_given(section)}.items() if k in EVAL_KNOBS}
+    return EvalSettings(text=section.get("text"), qa=dict(section.get("qa") or {}), **knobs, **flags)
 
 
-def _pretrain(repro: Reproduction, threads: Optional[int]) -> None:
+def build_pretrain_config(repro: Reproduction, threads: Optional[int], trust_remote_code: bool, allow_pickle: bool):
+    """The pretrain stage's config: the recipe's fields, its base model in, its domain model out, the flags."""
     from finmerge.pretrain.config import build_config
-    from finmerge.pretrain.train import run_pretraining
 
     overrides = {**repro.pretrain, "model": repro.model("base"), "output": repro.model("domain")}
     if threads:
         overrides["num_threads"] = threads
-    run_pretraining(build_config(None, overrides))
+    flags = flags_of(trust_remote_code, allow_pickle)
+    if "trust_remote_code" in inspect.signature(build_config).parameters:
+        return build_config(None, overrides, **flags)
+    # TEMPORARY compatibility shim until the pretrain config rewrite (keyword-only flags) is merged:
+    # the older build_config takes command-line values in `overrides`.
+    return build_config(None, {**overrides, **flags})
 
 
-def _merge(repro: Reproduction, extra_args=()) -> None:
-    """The plain `mergekit-yaml` command on the recipe (absolute paths), as a user would run it."""
+def _pretrain(repro: Reproduction, threads: Optional[int], flags: Dict[str, bool]) -> None:
+    from finmerge.pretrain.train import run_pretraining
+
+    run_pretraining(build_pretrain_config(repro, threads, **flags))
+
+
+def merge_command(repro: Reproduction, recipe_path: str, flags: Dict[str, bool]):
+    """The plain `mergekit-yaml` command line and environment for the recipe, as a user would run it."""
+    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), recipe_path, repro.output, "--quiet"]
+    if flags["trust_remote_code"]:
+        command.append("--trust-remote-code")
+    env = {k: v for k, v in os.environ.items() if k not in ("FINMERGE_OVERWRITE", "FINMERGE_ALLOW_PICKLE")}
+    if flags["allow_pickle"]:
+        env["FINMERGE_ALLOW_PICKLE"] = "1"
+    return command, env
+
+
+def _merge(repro: Reproduction, flags: Dict[str, bool]) -> None:
+    """mergekit-yaml into OUT, which the stage runner has made sure is absent: it is never asked to
+    replace a folder (no FINMERGE_OVERWRITE), so a folder of the user's cannot be lost."""
     recipe_path = os.path.join(repro.workdir, ".stages", "merge-recipe.yml")
-    with open(recipe_path, "w") as handle:
-        yaml.safe_dump(repro.merge, handle, sort_keys=False)
-    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), recipe_path, repro.output, "--quiet", *extra_args]
-    subprocess.run(command, check=True, env={**os.environ, "FINMERGE_OVERWRITE": "1"})
+    atomic_write_text(recipe_path, yaml.safe_dump(repro.merge, sort_keys=False))
+    command, env = merge_command(repro, recipe_path, flags)
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"the merge stage failed: mergekit-yaml exited with code {result.returncode} "
+                           f"(its message is above); the recipe it ran is {recipe_path}")
 
 
-def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print,
-                     merge_args=()) -> Dict:
+@contextlib.contextmanager
+def _pickles_allowed(allow: bool) -> Iterator[None]:
+    """The sweep merges in this process through the plugin, which reads FINMERGE_ALLOW_PICKLE."""
+    before = os.environ.get("FINMERGE_ALLOW_PICKLE")
+    if allow:
+        os.environ["FINMERGE_ALLOW_PICKLE"] = "1"
+    else:
+        os.environ.pop("FINMERGE_ALLOW_PICKLE", None)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FINMERGE_ALLOW_PICKLE", None)
+        else:
+            os.environ["FINMERGE_ALLOW_PICKLE"] = before
+
+
+def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print, *,
+                     trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict:
     from finmerge.evaluation.run import evaluate, write_results
     from finmerge.sweep.run import SweepSettings, run_sweep, write_sweep
 
+    check_locations(repro)  # before anything is written
+    flags = flags_of(trust_remote_code, allow_pickle)
     stages = Stages(repro.workdir, log=log)
     models = {"base": repro.model("base"), "domain": repro.model("domain"), "instruct": repro.model("instruct")}
+    common = {"flags": flags}  # every key: the flags change what runs (and may change what loads)
     if "pretrain" in repro.stages:
-        key = stage_key({"pretrain": repro.pretrain}, [models["base"], *repro.pretrain.get("data", []), *repro.pretrain.get("replay_data", [])])
-        stages.run("pretrain", key, lambda: _pretrain(repro, threads), output=models["domain"], resumable=True)
+        key = stages.key({**common, "pretrain": repro.pretrain},
+                         [models["base"], *repro.pretrain.get("data", []), *repro.pretrain.get("replay_data", [])])
+        stages.run("pretrain", key, lambda: _pretrain(repro, threads, flags), outputs=[models["domain"]], resumable=True)
     if "merge" in repro.stages:
-        key = stage_key({"merge": repro.merge}, list(models.values()))
-        stages.run("merge", key, lambda: _merge(repro, merge_args), output=repro.output)
+        key = stages.key({**common, "merge": repro.merge}, list(models.values()))
+        stages.run("merge", key, lambda: _merge(repro, flags), moved_in=[repro.output])
     results_path = os.path.join(repro.workdir, "eval.json")
     if "eval" in repro.stages:
-        settings = _eval_settings(repro.eval)
-        key = stage_key({"eval": repro.eval}, [*models.values(), repro.output, settings.text or "", *settings.qa.values()])
+        settings = _eval_settings(repro.eval, flags)
+        key = stages.key({**common, "eval": repro.eval}, [*models.values(), repro.output, settings.text or "", *settings.qa.values()])
         stages.run("eval", key, lambda: write_results(evaluate({**models, "merged": repro.output}, settings,
-                                                                 progress=lambda m: log(f"[eval] {m} done")), results_path))
-    sweep_dir = os.path.join(repro.workdir, "sweep")
+                                                                 progress=lambda m: log(f"[eval] {m} done")), results_path),
+                   files=[results_path])
     if "sweep" in repro.stages:
         section = repro.sweep
-        settings = SweepSettings(eval=_eval_settings(section, repro.eval),
-                                 **{k: section[k] for k in ("w_domain", "w_instruct", "variants", "metric") if k in section})
-        key = stage_key({"sweep": section, "eval": repro.eval, "merge": repro.merge}, list(models.values()))
+        settings = SweepSettings(eval=_eval_settings(section, flags, repro.eval),
+                                 **{k: section[k] for k in ("w_domain", "w_instruct", "variants", "metric") if section.get(k) is not None})
+        report_eval = _eval_settings(repro.eval, flags)
+        # the sweep reads its own question files, and the best merge is evaluated on the reported ones
+        question_files = [settings.eval.text or "", *settings.eval.qa.values(), report_eval.text or "", *report_eval.qa.values()]
+        key = stages.key({**common, "sweep": section, "eval": repro.eval, "merge": repro.merge},
+                         [*models.values(), *question_files])
 
         def sweep():
-            best = os.path.join(repro.workdir, "best-merge")
-            result = run_sweep(repro.merge, settings, sweep_dir, log=log, keep_best=best)
-            write_sweep(result, sweep_dir)
+            with _pickles_allowed(flags["allow_pickle"]):
+                result = run_sweep(repro.merge, settings, repro.sweep_dir, log=log, keep_best=repro.best_merge)
+            write_sweep(result, repro.sweep_dir)
             if "eval" in repro.stages:  # the best merge on the reported (test) data, next to the others
-                write_results(evaluate({"best": best}, _eval_settings(repro.eval)), os.path.join(sweep_dir, "best_eval.json"))
+                write_results(evaluate({"best": repro.best_merge}, report_eval), os.path.join(repro.sweep_dir, "best_eval.json"))
 
-        stages.run("sweep", key, sweep, output=sweep_dir)
+        stages.run("sweep", key, sweep, outputs=[repro.sweep_dir], moved_in=[repro.best_merge])
     return {"stages": dict(stages.skipped), "seconds": dict(stages.timings), "eval": results_path,
-            "sweep": sweep_dir if "sweep" in repro.stages else None}
+            "sweep": repro.sweep_dir if "sweep" in repro.stages else None, "flags": flags}
