@@ -14,7 +14,7 @@ from finmerge.plugins.diagnostics.heatmap import draw_heatmap
 from finmerge.plugins.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
 from finmerge.plugins.diagnostics.stats import StatsCollector
 
-SCHEMA = "finmerge.diagnostics/1"
+SCHEMA = "finmerge.diagnostics/2"
 JSON_NAME, MD_NAME, PNG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.png"
 TOP_TENSORS = 10
 
@@ -74,8 +74,9 @@ def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str])
         "Cosines of groups come from summed statistics (Σ τ_d·τ_i / √(Σ‖τ_d‖²·Σ‖τ_i‖²)), never from averaging "
         "cosines. *random ±* is the spread (1/√n) of the cosine between two random directions with as many "
         f"entries: a cosine within a few of those is indistinguishable from chance. {NA} = undefined "
-        "(a zero task vector has no direction; a zero base has no relative size). *same sign*: share of entries "
-        "where both vectors are non-zero and agree in sign (50% for independent signs).",
+        "(a zero task vector has no direction; a zero base has no relative size). *same sign*: among the entries "
+        "where both vectors are non-zero, the share that agree in sign (50% for independent signs); *both ≠ 0*: "
+        "the share of all entries where both are non-zero, which *same sign* is measured on.",
         "",
         "## Overall",
         "",
