@@ -3,7 +3,6 @@
 The JSON layout is documented in the README ("Independence diagnostics"); SCHEMA names its version.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -13,6 +12,7 @@ from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.heatmap import draw_heatmap
 from finmerge.plugins.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
 from finmerge.plugins.diagnostics.stats import StatsCollector
+from finmerge.safety.outputs import atomic_write_json, atomic_write_text
 
 SCHEMA = "finmerge.diagnostics/2"
 JSON_NAME, MD_NAME, PNG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.png"
@@ -118,9 +118,8 @@ def write_report(folder: str, collector: StatsCollector, models: Dict[str, str],
     data = build_data(agg, collector.skipped(), models, source, weights)
     note = draw_heatmap(agg, os.path.join(folder, PNG_NAME)) if agg.tensors else "no tensors were measured"
     data["heatmap"] = PNG_NAME if note is None else None
-    with open(os.path.join(folder, JSON_NAME), "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False, ensure_ascii=False)  # undefined values are null, never NaN
-        handle.write("\n")
-    with open(os.path.join(folder, MD_NAME), "w", encoding="utf-8") as handle:
-        handle.write(markdown(agg, data, note))
+    # undefined values are null, never NaN; keys in the documented order
+    atomic_write_json(os.path.join(folder, JSON_NAME), data, indent=1, allow_nan=False, ensure_ascii=False,
+                      sort_keys=False, default=None)
+    atomic_write_text(os.path.join(folder, MD_NAME), markdown(agg, data, note))
     return Report(agg, data, data["heatmap"])

@@ -18,6 +18,7 @@ from finmerge.plugins.diagnostics.report import Report, write_report
 from finmerge.plugins.diagnostics.stats import StatsCollector
 from finmerge.plugins.diagnostics.tensorfile import RangeReader, TensorFileError, TensorLocation, read_header
 from finmerge.safety.errors import InputError
+from finmerge.safety.outputs import check_output_location
 
 ROLES = ("base", "domain", "instruct")
 _HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]
@@ -188,6 +189,7 @@ def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] =
     missing = [role for role in ROLES if not models.get(role)]
     if missing:
         raise DiagnoseError(f"missing model(s): {', '.join(missing)}")
+    check_output_location(out, [models[role] for role in ROLES], what="diagnostics folder")  # never into an input
     preload_in_background()
     folders = {role: resolve_checkpoint(models[role], role, cache_dir) for role in ROLES}
     indexes = {role: tensor_index(folders[role], role) for role in ROLES}
