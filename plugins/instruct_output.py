@@ -241,8 +241,9 @@ def card_section(inputs: MergeInputs, ids: Dict[str, Any], extra: Optional[str] 
         f"| domain | {inputs.domain} | {weights['domain']} |",
         f"| instruct | {inputs.instruct} | {weights['instruct']} |",
         "",
-        "Tokenizer, chat template and generation config come from the instruct model; special token ids "
-        f"in config.json: {json.dumps(ids, sort_keys=True)}.",
+        "Tokenizer, generation config and chat template come from the instruct model (the chat template from "
+        "the recipe when it sets `chat_template:`); code files for trust_remote_code: the model's from the base, "
+        f"the tokenizer's from the instruct model. Special token ids in config.json: {json.dumps(ids, sort_keys=True)}.",
     ]
     if extra:
         lines += ["", extra]
