@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from mergekit.config import MergeConfiguration
 
 from finmerge.plugins.preflight import MergeInputs
+from finmerge.safety.outputs import atomic_write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -78,12 +79,15 @@ def remote_code_files(folder: str, auto_map: Dict[str, Any]) -> List[str]:
     python = []
     for module in _auto_map_modules(auto_map):
         path = os.path.join(folder, module)
+        if not _inside(path, folder):
+            LOG.warning("%s names %s in auto_map, which is not a file in the folder; it is not copied", folder, module)
+            continue
         if not os.path.isfile(path):
             LOG.warning("%s names %s in auto_map, which is not in the folder; it is not copied", folder, module)
             continue
         python.append(path)
         for needed in get_relative_import_files(path):
-            if os.path.isfile(needed):
+            if os.path.isfile(needed) and _inside(needed, folder):
                 python.append(needed)
             else:
                 LOG.warning("%s imports %s, which is not in %s; it is not copied", module, os.path.basename(needed), folder)
@@ -94,6 +98,12 @@ def remote_code_files(folder: str, auto_map: Dict[str, Any]) -> List[str]:
                 and not entry.endswith(WEIGHT_SUFFIXES)):
             names.add(entry)
     return sorted(names)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """`path` lies under `folder` by its name (a name with `..` or an absolute one does not); links are
+    followed only when read, as in a Hugging Face cache snapshot, whose files link to its blobs."""
+    return os.path.normpath(path).startswith(os.path.join(os.path.normpath(folder), ""))
 
 
 def _copy_code_files(out_path: str, folder: str, names: List[str], what: str, keep: Dict[str, str]) -> None:
@@ -131,12 +141,6 @@ def copy_remote_code(out_path: str, inputs: MergeInputs, tokenizer: bool = True)
 def _read_json(path: str) -> Dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def _write_json(path: str, data: Dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
 
 
 def _instruct_special_ids(inputs: MergeInputs) -> Dict[str, Any]:
@@ -216,13 +220,13 @@ def finish_instruct_output(
     config_path = os.path.join(out_path, "config.json")
     out_config = _read_json(config_path)
     out_config.update({k: v[0] if isinstance(v, list) and k != "eos_token_id" else v for k, v in ids.items()})
-    _write_json(config_path, out_config)
+    atomic_write_json(config_path, out_config)
 
     gen_path = os.path.join(out_path, "generation_config.json")
     if tokenizer_rebuilt or not os.path.isfile(gen_path):
         gen = _read_json(gen_path) if os.path.isfile(gen_path) else {}
         gen.update(ids)
-        _write_json(gen_path, gen)
+        atomic_write_json(gen_path, gen)
     return ids
 
 

@@ -284,7 +284,10 @@ def test_which_files_remote_code_needs(tmp_path):
     (tmp_path / "deeper.py").write_text("import os\nSOURCE = os.path.join(os.path.dirname(__file__), 'fused.cpp')\n")
     for name in ("fused.cu", "fused.cpp", "model.safetensors", "unrelated.cpp", "unused.py"):
         (tmp_path / name).write_text("x")
-    auto_map = {"AutoModelForCausalLM": "modeling_x.XForCausalLM", "AutoTokenizer": ["other/repo--tok.T", None]}
+    auto_map = {"AutoModelForCausalLM": "modeling_x.XForCausalLM", "AutoTokenizer": ["other/repo--tok.T", None],
+                "AutoConfig": str(tmp_path.parent / "outside") + ".C"}  # a file outside the folder: never copied
+    assert "." not in str(tmp_path.parent)
+    (tmp_path.parent / "outside.py").write_text("x")
     assert remote_code_files(str(tmp_path), auto_map) == [
         "deeper.py", "fused.cpp", "fused.cu", "helpers.py", "modeling_x.py"]
 
