@@ -19,8 +19,10 @@ def diagnose(base, domain, instruct, out_dir, dtype, cache_dir, quiet):
     """How independent are τ_d = domain − base and τ_i = instruct − base?
 
     Per tensor, layer, module type and overall: cosine, norms, size relative to the base, sign
-    agreement. Reads the checkpoints chunk by chunk (memory stays bounded); the numbers equal those
-    a domain_instruct merge of the same checkpoints writes into its output folder.
+    agreement where both vectors are non-zero (and how many entries that is). Reads the weights that
+    model.safetensors.index.json names (else model.safetensors) chunk by chunk (memory stays
+    bounded); the numbers equal those a domain_instruct merge of the same checkpoints writes into
+    its output folder.
     """
     import torch
 

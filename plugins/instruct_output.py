@@ -5,16 +5,19 @@ result would not know how to format a chat or when an assistant turn ends. This 
 model's back, after mergekit has written the weights.
 """
 
+import filecmp
 import glob
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Dict, List, Optional
 
 from mergekit.config import MergeConfiguration
 
 from finmerge.plugins.preflight import MergeInputs
+from finmerge.safety.outputs import atomic_write_json
 
 LOG = logging.getLogger(__name__)
 
@@ -35,33 +38,109 @@ def _tokenizer_files(folder: str) -> List[str]:
     return names
 
 
-def _remote_code_files(config: Dict[str, Any], folder: str) -> List[str]:
-    """Python files a trust_remote_code model names in auto_map (copied, never run, here).
+# Files a model's own code never needs copied beside it: weights (big, and written by mergekit).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".index.json")
 
-    The model's classes are listed in config.json, the tokenizer's in tokenizer_config.json.
-    """
-    maps = [config.get("auto_map") or {}]
-    tokenizer_config = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(tokenizer_config):
-        maps.append(_read_json(tokenizer_config).get("auto_map") or {})
+
+def _auto_map_modules(auto_map: Dict[str, Any]) -> List[str]:
+    """`module.py` of each class an auto_map names ("repo--module.Class" lives in another repository)."""
     modules = set()
-    for auto_map in maps:
-        for target in auto_map.values():
-            for ref in target if isinstance(target, list) else [target]:
-                if ref and "--" not in ref:  # "repo--module.Class" points to another repository
-                    modules.add(ref.split(".")[0] + ".py")
-    return sorted(m for m in modules if os.path.isfile(os.path.join(folder, m)))
+    for target in auto_map.values():
+        for ref in target if isinstance(target, list) else [target]:
+            if isinstance(ref, str) and ref and "--" not in ref:
+                modules.add(ref.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return sorted(modules)
+
+
+def _string_constants(path: str) -> List[str]:
+    """String literals of a Python file, found by parsing it (never importing it)."""
+    import ast
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read(), filename=path)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+
+
+def remote_code_files(folder: str, auto_map: Dict[str, Any]) -> List[str]:
+    """Every file the code named in `auto_map` needs from `folder`, as names relative to it.
+
+    The auto_map modules; recursively, the files they import relatively (`from .x import y`), found
+    by transformers' own parser, the one its loader uses; and files beside them that the code refers
+    to by name (kernel sources such as Qwen-v1's cache_autogptq_cuda_256.cpp, which cpp_kernels.py
+    looks for next to itself): a non-Python, non-weight file at the top of `folder` whose name is a
+    path component of a string literal in one of those Python files. Nothing is imported or run.
+    """
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    folder = os.path.abspath(folder)
+    python = []
+    for module in _auto_map_modules(auto_map):
+        path = os.path.join(folder, module)
+        if not _inside(path, folder):
+            LOG.warning("%s names %s in auto_map, which is not a file in the folder; it is not copied", folder, module)
+            continue
+        if not os.path.isfile(path):
+            LOG.warning("%s names %s in auto_map, which is not in the folder; it is not copied", folder, module)
+            continue
+        python.append(path)
+        for needed in get_relative_import_files(path):
+            if os.path.isfile(needed) and _inside(needed, folder):
+                python.append(needed)
+            else:
+                LOG.warning("%s imports %s, which is not in %s; it is not copied", module, os.path.basename(needed), folder)
+    names = {os.path.relpath(p, folder) for p in python}
+    referenced = {part for p in python for text in _string_constants(p) for part in re.split(r"[\\/]", text)}
+    for entry in os.listdir(folder):
+        if (entry in referenced and os.path.isfile(os.path.join(folder, entry)) and not entry.endswith(".py")
+                and not entry.endswith(WEIGHT_SUFFIXES)):
+            names.add(entry)
+    return sorted(names)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """`path` lies under `folder` by its name (a name with `..` or an absolute one does not); links are
+    followed only when read, as in a Hugging Face cache snapshot, whose files link to its blobs."""
+    return os.path.normpath(path).startswith(os.path.join(os.path.normpath(folder), ""))
+
+
+def _copy_code_files(out_path: str, folder: str, names: List[str], what: str, keep: Dict[str, str]) -> None:
+    """Copy `names` from `folder` into OUT; a name already copied from another model (`keep`) stays."""
+    for name in names:
+        source, target = os.path.join(folder, name), os.path.join(out_path, name)
+        if name in keep:
+            if not filecmp.cmp(source, os.path.join(keep[name], name), shallow=False):
+                LOG.warning("%s's %s differs from the one of %s, which OUT keeps (the model's code comes from the "
+                            "base); check that OUT's tokenizer loads", what, name, keep[name])
+            continue
+        if name.endswith(".py") or not os.path.exists(target):  # never replace a config or tokenizer file
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy(source, target)
+            keep[name] = folder
+
+
+def copy_remote_code(out_path: str, inputs: MergeInputs, tokenizer: bool = True) -> List[str]:
+    """Give OUT the code its config.json and tokenizer_config.json name, so that it loads with
+    trust_remote_code: the model's code from the base (OUT's config.json is the base's), the
+    tokenizer's from the instruct model (OUT's tokenizer is the instruct's). Copied, never run.
+    """
+    keep: Dict[str, str] = {}
+    base = inputs.paths["base"]
+    _copy_code_files(out_path, base, remote_code_files(base, inputs.configs["base"].get("auto_map") or {}),
+                     "the base model", keep)
+    instruct_tokenizer_config = os.path.join(inputs.paths["instruct"], "tokenizer_config.json")
+    if tokenizer and os.path.isfile(instruct_tokenizer_config):
+        auto_map = _read_json(instruct_tokenizer_config).get("auto_map") or {}
+        _copy_code_files(out_path, inputs.paths["instruct"], remote_code_files(inputs.paths["instruct"], auto_map),
+                         "the instruct model", keep)
+    return sorted(keep)
 
 
 def _read_json(path: str) -> Dict[str, Any]:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
-
-
-def _write_json(path: str, data: Dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-        handle.write("\n")
 
 
 def _instruct_special_ids(inputs: MergeInputs) -> Dict[str, Any]:
@@ -79,7 +158,7 @@ def _copy_instruct_tokenizer(out_path: str, inputs: MergeInputs) -> None:
     for name in _tokenizer_files(out_path):  # the base's, copied by mergekit: would shadow the instruct's
         os.remove(os.path.join(out_path, name))
     instruct = inputs.paths["instruct"]
-    names = _tokenizer_files(instruct) + _remote_code_files(inputs.configs["instruct"], instruct)
+    names = _tokenizer_files(instruct)
     for name in names:
         os.makedirs(os.path.dirname(os.path.join(out_path, name)) or out_path, exist_ok=True)
         shutil.copy2(os.path.join(instruct, name), os.path.join(out_path, name))
@@ -127,9 +206,11 @@ def finish_instruct_output(
     """
     tokenizer_rebuilt = bool(config.tokenizer or config.tokenizer_source)
     if tokenizer_rebuilt:
+        copy_remote_code(out_path, inputs, tokenizer=False)  # mergekit saved the tokenizer it built
         ids = _rebuilt_tokenizer_ids(out_path, inputs, trust_remote_code)
     else:
         _copy_instruct_tokenizer(out_path, inputs)
+        copy_remote_code(out_path, inputs)
         if config.chat_template and config.chat_template != "auto":
             _apply_recipe_chat_template(out_path, config, trust_remote_code)
         elif config.chat_template == "auto":
@@ -139,13 +220,13 @@ def finish_instruct_output(
     config_path = os.path.join(out_path, "config.json")
     out_config = _read_json(config_path)
     out_config.update({k: v[0] if isinstance(v, list) and k != "eos_token_id" else v for k, v in ids.items()})
-    _write_json(config_path, out_config)
+    atomic_write_json(config_path, out_config)
 
     gen_path = os.path.join(out_path, "generation_config.json")
     if tokenizer_rebuilt or not os.path.isfile(gen_path):
         gen = _read_json(gen_path) if os.path.isfile(gen_path) else {}
         gen.update(ids)
-        _write_json(gen_path, gen)
+        atomic_write_json(gen_path, gen)
     return ids
 
 
@@ -164,8 +245,9 @@ def card_section(inputs: MergeInputs, ids: Dict[str, Any], extra: Optional[str] 
         f"| domain | {inputs.domain} | {weights['domain']} |",
         f"| instruct | {inputs.instruct} | {weights['instruct']} |",
         "",
-        "Tokenizer, chat template and generation config come from the instruct model; special token ids "
-        f"in config.json: {json.dumps(ids, sort_keys=True)}.",
+        "Tokenizer, generation config and chat template come from the instruct model (the chat template from "
+        "the recipe when it sets `chat_template:`); code files for trust_remote_code: the model's from the base, "
+        f"the tokenizer's from the instruct model. Special token ids in config.json: {json.dumps(ids, sort_keys=True)}.",
     ]
     if extra:
         lines += ["", extra]

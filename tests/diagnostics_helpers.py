@@ -16,6 +16,7 @@ def reference_sums(base: torch.Tensor, domain: torch.Tensor, instruct: torch.Ten
         "sq_instruct": float(tau_i @ tau_i),
         "sq_base": float(b @ b),
         "agree": int(((tau_d != 0) & (tau_i != 0) & (torch.sign(tau_d) == torch.sign(tau_i))).sum()),
+        "both_nonzero": int(((tau_d != 0) & (tau_i != 0)).sum()),
     }
 
 
@@ -51,7 +52,12 @@ def assert_stats_match(entry: Dict, tau_d: torch.Tensor, tau_i: torch.Tensor, ba
             assert entry[key] is None
         else:
             assert math.isclose(entry[key], float(vector.double().norm()) / base_norm, rel_tol=tol, abs_tol=1e-12)
-    agree = ((tau_d != 0) & (tau_i != 0) & (torch.sign(tau_d) == torch.sign(tau_i))).double().mean()
-    assert abs(entry["sign_agree"] - float(agree)) <= 1e-12
+    both = (tau_d != 0) & (tau_i != 0)
+    same_sign = both & (torch.sign(tau_d) == torch.sign(tau_i))
+    if both.any():  # sign agreement among the entries where both are non-zero
+        assert abs(entry["sign_agree"] - float(same_sign.sum()) / float(both.sum())) <= 1e-12
+    else:
+        assert entry["sign_agree"] is None
+    assert abs(entry["nonzero_share"] - float(both.double().mean())) <= 1e-12
     assert math.isclose(entry["random_cos_std"], 1 / math.sqrt(tau_d.numel()), rel_tol=1e-12)
     assert entry["n"] == tau_d.numel()

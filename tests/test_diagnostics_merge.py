@@ -114,6 +114,56 @@ def test_diagnose_reads_shards_and_reports_what_it_skips(tiny_family, tmp_path):
     assert "extra.weight" in (out / "diagnostics.md").read_text()
 
 
+def _indexed_with_consolidated_copy(source, destination):
+    """Two shards + model.safetensors.index.json, and beside them consolidated.safetensors: the same
+    weights under other names (as Mistral-style repositories ship them)."""
+    folder = copy_model(source, destination)
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    names = sorted(state)
+    weight_map = {}
+    for n, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{n + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, os.path.join(folder, shard))
+        weight_map.update({k: shard for k in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {}, "weight_map": weight_map}, handle)
+    save_file({"consolidated." + k: v for k, v in state.items()}, os.path.join(folder, "consolidated.safetensors"))
+    return folder
+
+
+def test_diagnose_follows_the_index_and_counts_each_weight_once(tiny_family, tmp_path):
+    folders = {role: _indexed_with_consolidated_copy(getattr(tiny_family, role), tmp_path / role)
+               for role in ("base", "domain", "instruct")}
+    out = tmp_path / "diag"
+    result = CliRunner().invoke(cli, ["diagnose", *[x for r, f in folders.items() for x in (f"--{r}", f)],
+                                      "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    models = _models(tiny_family)
+    data = _assert_report_matches_torch(out, models)  # tensors == the model's names, overall from them only
+    assert data["overall"]["n"] == sum(t.numel() for t in models["base"].values())
+    assert data["skipped"] == []
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.update({"extra.weight": "model-00003-of-00002.safetensors"}), "download the missing shard"),
+    (lambda m: m.update({"extra.weight": "model-00001-of-00002.safetensors"}), "does not hold it"),
+    (lambda m: m.update({"extra.weight": "../elsewhere.safetensors"}), "not a file in the model folder"),
+])
+def test_diagnose_bad_index_is_a_clear_error(tiny_family, tmp_path, edit, message):
+    domain = _indexed_with_consolidated_copy(tiny_family.domain, tmp_path / "domain")
+    index_path = os.path.join(domain, "model.safetensors.index.json")
+    with open(index_path) as handle:
+        index = json.load(handle)
+    edit(index["weight_map"])
+    with open(index_path, "w") as handle:
+        json.dump(index, handle)
+    result = CliRunner().invoke(cli, ["diagnose", "--base", tiny_family.base, "--domain", domain, "--instruct",
+                                      tiny_family.instruct, "--out", str(tmp_path / "o"), "--quiet"])
+    assert result.exit_code != 0 and message in result.output and "domain model" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "o" / "diagnostics.json").exists()
+
+
 @pytest.mark.parametrize("args,message", [
     (["--base", "/nonexistent/base"], "not a checkpoint folder"),
     (["--base", "no-such-org/no-such-model"], "could not be fetched from the Hugging Face hub"),

@@ -97,6 +97,28 @@ def test_aggregates_equal_flattening_and_concatenating(tmp_path):
     assert abs(mean - data["overall"]["cos"]) > 1e-3
 
 
+def test_sign_agreement_among_entries_where_both_vectors_are_non_zero(tmp_path):
+    """As on bf16 weights with a small fine-tune: most entries of τ_i are exactly zero. Independent signs
+    must still read about 50%, with the non-zero share beside it (a share of ALL entries read ~2%)."""
+    generator = torch.Generator().manual_seed(3)
+    base = {f"model.layers.0.mlp.{m}_proj.weight": torch.randn(64, 128, generator=generator) for m in ("up", "down")}
+    domain = {k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+    instruct = {}
+    for name, value in base.items():
+        touched = torch.rand(value.shape, generator=generator) < 0.04  # 96% of τ_i is zero
+        instruct[name] = torch.where(touched, value + 0.01 * torch.randn(value.shape, generator=generator), value)
+    models = {"base": base, "domain": domain, "instruct": instruct}
+    _, data = _report(_measure(models), tmp_path)
+    tau_d, tau_i, flat_base = concatenated(models, list(base))
+    assert_stats_match(data["overall"], tau_d, tau_i, flat_base)
+    for entry in data["tensors"]:
+        assert_stats_match(entry, *concatenated(models, [entry["name"]]))
+    overall = data["overall"]
+    assert 0.02 < overall["nonzero_share"] < 0.06
+    assert 0.4 < overall["sign_agree"] < 0.6  # independent signs
+    assert overall["sums"]["both_nonzero"] == int(((tau_d != 0) & (tau_i != 0)).sum())
+
+
 def test_orthogonal_vectors_have_zero_cosine(tmp_path):
     generator = torch.Generator().manual_seed(1)
     base = {"w": torch.randn(64, 32, generator=generator), "v": torch.randn(1000, generator=generator)}
@@ -109,7 +131,8 @@ def test_orthogonal_vectors_have_zero_cosine(tmp_path):
     }
     _, data = _report(_measure(models), tmp_path)
     for entry in [data["overall"], *data["tensors"]]:
-        assert entry["cos"] == 0.0 and entry["sign_agree"] == 0.0
+        assert entry["cos"] == 0.0 and entry["nonzero_share"] == 0.0
+        assert entry["sign_agree"] is None  # no entry where both are non-zero: no sign to compare
         assert entry["norm_domain"] > 0 and entry["norm_instruct"] > 0
     assert data["verdict"].startswith("Nearly orthogonal")
 
@@ -136,8 +159,8 @@ def test_parallel_vectors_have_cosine_one(tmp_path, factor, expected):
     entry = data["tensors"][0]
     assert entry["cos"] == pytest.approx(expected, abs=1e-12)
     assert entry["norm_instruct"] == pytest.approx(abs(factor) * entry["norm_domain"], rel=1e-12)
-    nonzero = float((tau != 0).double().mean())
-    assert entry["sign_agree"] == pytest.approx(nonzero if factor > 0 else 0.0, abs=1e-12)
+    assert entry["nonzero_share"] == pytest.approx(float((tau != 0).double().mean()), abs=1e-12)
+    assert entry["sign_agree"] == (1.0 if factor > 0 else 0.0)  # among the entries where both are non-zero
     assert data["verdict"].startswith("Strongly aligned" if factor > 0 else "Strongly opposed")
 
 
@@ -148,7 +171,8 @@ def test_zero_task_vector_cosine_is_undefined_not_nan(tmp_path):
     report, data = _report(_measure(models), tmp_path)
     assert data["overall"]["cos"] is None and data["overall"]["norm_domain"] == 0.0
     assert all(t["cos"] is None for t in data["tensors"])
-    assert data["overall"]["norm_instruct"] > 0 and data["overall"]["sign_agree"] == 0.0
+    assert data["overall"]["norm_instruct"] > 0 and data["overall"]["sign_agree"] is None
+    assert data["overall"]["nonzero_share"] == 0.0
     assert "domain task vector is zero" in data["verdict"]
     markdown = (tmp_path / "diagnostics.md").read_text()
     assert "nan" not in markdown.lower() and "| n/a |" in markdown
@@ -205,10 +229,26 @@ def test_collector_is_per_merge():
     assert len(first.tensors()) == len(second.tensors()) == len(models["base"])
 
 
-def test_no_statistics_without_an_active_collector():
+def test_no_statistics_without_an_active_collector(monkeypatch):
+    """Without `collecting(...)` the kernel still merges exactly and measures nothing at all."""
+    from finmerge.plugins.diagnostics.stats import TensorAccumulator
+
+    calls = []
+    for cls, name in ((TensorAccumulator, "update"), (StatsCollector, "start_tensor"), (StatsCollector, "finish_tensor")):
+        original = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     models = _llama_like(layers=1)
+    idle = StatsCollector()  # exists but is not active: must stay empty
     assert active_collector() is None
-    merge_state_dicts(models, domain_instruct_merge, parameters=dict(ROLES), base="base")  # nothing to feed
+    merged = merge_state_dicts(models, domain_instruct_merge, parameters=dict(ROLES), base="base")
+    assert calls == [] and idle.tensors() == [] and active_collector() is None
+    base, domain, instruct = models["base"], models["domain"], models["instruct"]
+    assert set(merged) == set(base)
+    for name, value in merged.items():
+        expected = base[name].double() + (domain[name].double() - base[name].double()) + (instruct[name].double() - base[name].double())
+        assert torch.allclose(value.double(), expected, atol=1e-6, rtol=0), name
+    _measure(models)  # the spies do see a collecting merge, so an empty `calls` above means something
+    assert {"update", "start_tensor", "finish_tensor"} <= set(calls)
 
 
 @pytest.mark.parametrize("name,expected", [

@@ -118,22 +118,177 @@ def test_bf16_output(tiny_family, tmp_path):
     assert_close_state(merged, expected, atol=0)
 
 
-def test_remote_code_files_of_the_instruct_model_are_copied_not_run(tiny_family, tmp_path):
-    """A Qwen-v1-style instruct model names its code in auto_map; OUT needs those files to load."""
-    import shutil
-
+def test_remote_code_of_the_model_from_the_base_of_the_tokenizer_from_the_instruct(tiny_family, tmp_path):
+    """auto_map files are copied, never run: the model's from the base (OUT's config.json is the base's),
+    the tokenizer's from the instruct model (OUT's tokenizer is the instruct's)."""
     from merge_helpers import copy_model
 
-    instruct = copy_model(tiny_family.instruct, tmp_path / "instruct-with-code",
-                          edit_config=lambda c: c.update(auto_map={"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}))
-    (tmp_path / "instruct-with-code" / "modeling_tiny.py").write_text("raise SystemExit('must never run')\n")
-    (tmp_path / "instruct-with-code" / "tokenization_tiny.py").write_text("raise SystemExit('must never run')\n")
+    never_run = "raise SystemExit('must never run')\n"
+    model_map = {"AutoModelForCausalLM": "modeling_tiny.TinyForCausalLM"}
+    base = copy_model(tiny_family.base, tmp_path / "base-with-code", edit_config=lambda c: c.update(auto_map=model_map))
+    instruct = copy_model(tiny_family.instruct, tmp_path / "instruct-with-code", edit_config=lambda c: c.update(auto_map=model_map))
+    (tmp_path / "base-with-code" / "modeling_tiny.py").write_text("# the base's\n" + never_run)
+    (tmp_path / "instruct-with-code" / "modeling_tiny.py").write_text("# the instruct's\n" + never_run)
+    (tmp_path / "instruct-with-code" / "tokenization_tiny.py").write_text(never_run)
     config_path = tmp_path / "instruct-with-code" / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["tokenization_tiny.TinyTokenizer", None]}
     config_path.write_text(json.dumps(tokenizer_config))
     merge = recipe(tiny_family)
-    merge["models"][1]["model"] = instruct
+    merge["base_model"], merge["models"][1]["model"] = base, instruct
     run_merge(merge, tmp_path / "out")
-    assert (tmp_path / "out" / "modeling_tiny.py").exists() and (tmp_path / "out" / "tokenization_tiny.py").exists()
-    shutil.rmtree(tmp_path / "out")
+    assert (tmp_path / "out" / "modeling_tiny.py").read_text().startswith("# the base's")
+    assert (tmp_path / "out" / "tokenization_tiny.py").read_text() == never_run
+
+
+# ---- the paper's model shape: Qwen-v1 remote code (tests/qwen_fixture.py) ----------------------------
+
+# Alpaca-ja prompt of rinna/nekomata-14b-instruction (its model card), with and without an input.
+WITH_INPUT = ("以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
+              "\n\n### 指示:\n{instruction}\n\n### 入力:\n{input}\n\n### 応答:\n")
+WITHOUT_INPUT = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n### 指示:\n{instruction}\n\n### 応答:\n"
+INPUT_MARK = "\n\n### 入力:\n"
+
+
+def _fin_recipe_for(paths, tmp_path, name="fin.yml"):
+    """recipes/fin.yml's exact text with only the three model ids replaced by the fixture's folders."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    body = open(os.path.join(root, "recipes", name), encoding="utf-8").read()
+    size = "14b" if name == "fin.yml" else "7b"
+    for model_id, role in ((f"rinna/nekomata-{size}-instruction", "instruct"),
+                           (f"pfnet/nekomata-{size}-pfn-qfin", "domain"), (f"rinna/nekomata-{size}", "base")):
+        assert model_id in body
+        body = body.replace(model_id, paths[role])
+    path = tmp_path / name
+    path.write_text(body, encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qwen_merged(tmp_path_factory):
+    """The bf16 nekomata-shaped triplet merged by plain `mergekit-yaml` with fin.yml's body."""
+    from qwen_fixture import build_qwen_v1_triplet
+
+    folder = tmp_path_factory.mktemp("qwen-merge")
+    paths = build_qwen_v1_triplet(str(folder / "models"), dtype=torch.bfloat16)
+    out = folder / "OUT"
+    result = subprocess.run([os.path.join(BIN, "mergekit-yaml"), _fin_recipe_for(paths, folder), str(out),
+                             "--trust-remote-code"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return paths, str(out)
+
+
+@pytest.mark.slow
+def test_fin_recipe_on_remote_code_models_loads_and_runs(qwen_merged):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_fixture import EOD, code_files, eod_id
+
+    paths, out = qwen_merged
+    for name in code_files():  # auto_map modules, what they import relatively, the kernel source beside them
+        assert os.path.isfile(os.path.join(out, name)), name
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert type(model).__name__ == "QWenLMHeadModel" and type(tokenizer).__name__ == "QWenTokenizer"
+    assert model.dtype == torch.bfloat16 and tokenizer.eos_token == EOD
+    assert model.generation_config.eos_token_id == eod_id() and model.generation_config.do_sample  # the instruct's
+    assert tokenizer.model_max_length == 2048  # the instruct's tokenizer_config (the base's says 8192)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "株式市場を説明して。"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    logits = model(**prompt).logits
+    assert logits.shape == (1, prompt["input_ids"].shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_fin_recipe_on_remote_code_models_is_base_plus_both_task_vectors(qwen_merged):
+    """OUT = bf16(base + τ_d + τ_i), the sum taken in float64 from the bf16 inputs. Tolerance: one bf16
+    ulp of the reference (|Δ| ≤ 2^-7·|ref|); we compute in fp32 and round once, so most entries are exact."""
+    from qwen_fixture import load_tensors
+
+    paths, out = qwen_merged
+    base, domain, instruct = (load_tensors(paths[r]) for r in ("base", "domain", "instruct"))
+    merged = tensors(out)
+    assert set(merged) == set(base)
+    exact = total = 0
+    for name, b in base.items():
+        reference = b.double() + (domain[name].double() - b.double()) + (instruct[name].double() - b.double())
+        assert merged[name].dtype == torch.bfloat16
+        error = (merged[name].double() - reference).abs()
+        assert (error <= 2.0 ** -7 * reference.abs() + 1e-30).all(), name
+        exact += int((merged[name] == reference.to(torch.bfloat16)).sum())
+        total += reference.numel()
+        assert not torch.equal(merged[name], b), name
+    assert exact / total > 0.99
+
+
+@pytest.mark.slow
+def test_fin_recipe_chat_template_renders_the_alpaca_ja_prompt(qwen_merged):
+    from transformers import AutoTokenizer
+
+    from qwen_fixture import EOD
+
+    _, out = qwen_merged
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+
+    def render(messages, generation=True):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+    question, context = "この決算の要点を述べなさい。", "売上高は前年比10%増。"
+    assert render([{"role": "user", "content": question}]) == WITHOUT_INPUT.format(instruction=question)
+    with_input = [{"role": "user", "content": question + INPUT_MARK + context}]
+    assert render(with_input) == WITH_INPUT.format(instruction=question, input=context)
+    answer = "増収です。"
+    turns = with_input + [{"role": "assistant", "content": answer}, {"role": "user", "content": "理由は?"}]
+    assert render(turns) == (WITH_INPUT.format(instruction=question, input=context) + answer + EOD
+                             + WITHOUT_INPUT.format(instruction="理由は?"))
+    system = [{"role": "system", "content": "あなたは金融の専門家です。"}, {"role": "user", "content": question}]
+    assert render(system) == "あなたは金融の専門家です。" + WITHOUT_INPUT.format(instruction=question)[
+        len("以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。"):]
+    assert render([{"role": "user", "content": question}], generation=False) == (
+        WITHOUT_INPUT.format(instruction=question)[:-len("\n\n### 応答:\n")])
+    ids = tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert tokenizer.decode(ids) == render(turns)
+    with open(os.path.join(out, "tokenizer_config.json"), encoding="utf-8") as handle:
+        saved = json.load(handle).get("chat_template")
+    if saved is None:
+        saved = open(os.path.join(out, "chat_template.jinja"), encoding="utf-8").read()
+    assert "### 応答:" in saved  # stored in OUT, not only in this process
+
+
+def test_remote_code_output_loads_in_process(tmp_path):
+    """Fast twin of the mergekit-yaml test: OUT of an in-process merge carries every code file and loads."""
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qwen_fixture import build_qwen_v1_triplet, code_files
+
+    paths = build_qwen_v1_triplet(str(tmp_path / "models"))
+    merge = yaml.safe_load(open(_fin_recipe_for(paths, tmp_path), encoding="utf-8"))
+    run_merge(merge, tmp_path / "out", trust_remote_code=True)
+    out = str(tmp_path / "out")
+    assert all(os.path.isfile(os.path.join(out, n)) for n in code_files())
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    batch = tokenizer("以下は、金融市場の説明です。", return_tensors="pt")
+    assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_which_files_remote_code_needs(tmp_path):
+    """Relative imports followed recursively (transformers' parser), kernel sources referenced by name
+    beside the code; weights, unreferenced files and code in other repositories left out."""
+    from finmerge.plugins.instruct_output import remote_code_files
+
+    (tmp_path / "modeling_x.py").write_text("from .helpers import f\nKERNEL = 'kernels/../fused.cu'\n")
+    (tmp_path / "helpers.py").write_text("from .deeper import g\nWEIGHTS = 'model.safetensors'\n")
+    (tmp_path / "deeper.py").write_text("import os\nSOURCE = os.path.join(os.path.dirname(__file__), 'fused.cpp')\n")
+    for name in ("fused.cu", "fused.cpp", "model.safetensors", "unrelated.cpp", "unused.py"):
+        (tmp_path / name).write_text("x")
+    auto_map = {"AutoModelForCausalLM": "modeling_x.XForCausalLM", "AutoTokenizer": ["other/repo--tok.T", None],
+                "AutoConfig": str(tmp_path.parent / "outside") + ".C"}  # a file outside the folder: never copied
+    assert "." not in str(tmp_path.parent)
+    (tmp_path.parent / "outside.py").write_text("x")
+    assert remote_code_files(str(tmp_path), auto_map) == [
+        "deeper.py", "fused.cpp", "fused.cu", "helpers.py", "modeling_x.py"]
+
+

@@ -41,6 +41,33 @@ def test_papers_recipes_match_the_released_models():
         assert params["domain"]["weight"] == params["instruct"]["weight"] == 1.0 and config.dtype == "bfloat16"
 
 
+ALPACA_JA = "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n### 指示:\n{instruction}\n\n### 応答:\n"
+ALPACA_JA_INPUT = ("以下は、タスクを説明する指示と、文脈のある入力の組み合わせです。要求を適切に満たす応答を書きなさい。"
+                   "\n\n### 指示:\n{instruction}\n\n### 入力:\n{input}\n\n### 応答:\n")
+
+
+def test_papers_recipes_carry_the_instruct_models_alpaca_ja_template():
+    """nekomata-instruction has no chat template: both recipes give the merge the same one, which renders
+    its model card's prompt (the merged-model rendering is tested in test_merge_output.py)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    templates = [yaml.safe_load(open(os.path.join(ROOT, "recipes", n), encoding="utf-8"))["chat_template"]
+                 for n in ("fin.yml", "fin-7b.yml")]
+    assert templates[0] == templates[1]
+    template = _compile_jinja_template(templates[0])
+
+    def render(messages):
+        return template.render(messages=messages, add_generation_prompt=True)
+
+    assert render([{"role": "user", "content": "要約せよ。"}]) == ALPACA_JA.format(instruction="要約せよ。")
+    assert render([{"role": "user", "content": "要約せよ。\n\n### 入力:\n本文"}]) == ALPACA_JA_INPUT.format(
+        instruction="要約せよ。", input="本文")
+    with pytest.raises(Exception, match="roles are system, user and assistant"):
+        render([{"role": "tool", "content": "x"}])
+    with pytest.raises(Exception, match="system message must come first"):
+        render([{"role": "user", "content": "x"}, {"role": "system", "content": "y"}])
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda r: r["models"][0]["parameters"].update(wieght=0.5), r"unknown parameter `wieght`"),
     (lambda r: r["models"][0]["parameters"].update(weight="heavy"), r"`weight`: invalid value 'heavy'"),

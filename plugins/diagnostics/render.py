@@ -6,7 +6,7 @@ from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.stats import Sums
 
 NA = "n/a"  # an undefined value (cosine with a zero vector, size relative to a zero base)
-COLUMNS = "| {key} | tensors | entries | cos(τ_d, τ_i) | random ± | ‖τ_d‖ | ‖τ_i‖ | ‖τ_d‖/‖θ‖ | ‖τ_i‖/‖θ‖ | same sign |"
+COLUMNS = "| {key} | tensors | entries | cos(τ_d, τ_i) | random ± | ‖τ_d‖ | ‖τ_i‖ | ‖τ_d‖/‖θ‖ | ‖τ_i‖/‖θ‖ | same sign | both ≠ 0 |"
 
 
 def fmt(value: Optional[float], spec: str) -> str:
@@ -41,11 +41,15 @@ def verdict(agg: Aggregates) -> str:
     return text + "."
 
 
+def _percent(share: Optional[float]) -> str:
+    return NA if share is None else f"{100 * share:.1f}%"
+
+
 def row(key: str, s: Sums) -> str:
     cells = [
         key, str(s.tensors), f"{s.n:,}", fmt(s.cos, "+.4f"), fmt(s.random_cos_std, ".1e"),
         f"{s.norm_domain:.4g}", f"{s.norm_instruct:.4g}", fmt(s.relative(s.sq_domain), ".3g"),
-        fmt(s.relative(s.sq_instruct), ".3g"), fmt(None if s.sign_agree is None else 100 * s.sign_agree, ".1f") + ("%" if s.n else ""),
+        fmt(s.relative(s.sq_instruct), ".3g"), _percent(s.sign_agree), _percent(s.nonzero_share),
     ]
     return "| " + " | ".join(cells) + " |"
 

@@ -3,7 +3,6 @@
 The JSON layout is documented in the README ("Independence diagnostics"); SCHEMA names its version.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -13,8 +12,9 @@ from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.heatmap import draw_heatmap
 from finmerge.plugins.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
 from finmerge.plugins.diagnostics.stats import StatsCollector
+from finmerge.safety.outputs import atomic_write_json, atomic_write_text
 
-SCHEMA = "finmerge.diagnostics/1"
+SCHEMA = "finmerge.diagnostics/2"
 JSON_NAME, MD_NAME, PNG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.png"
 TOP_TENSORS = 10
 
@@ -74,8 +74,9 @@ def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str])
         "Cosines of groups come from summed statistics (Σ τ_d·τ_i / √(Σ‖τ_d‖²·Σ‖τ_i‖²)), never from averaging "
         "cosines. *random ±* is the spread (1/√n) of the cosine between two random directions with as many "
         f"entries: a cosine within a few of those is indistinguishable from chance. {NA} = undefined "
-        "(a zero task vector has no direction; a zero base has no relative size). *same sign*: share of entries "
-        "where both vectors are non-zero and agree in sign (50% for independent signs).",
+        "(a zero task vector has no direction; a zero base has no relative size). *same sign*: among the entries "
+        "where both vectors are non-zero, the share that agree in sign (50% for independent signs); *both ≠ 0*: "
+        "the share of all entries where both are non-zero, which *same sign* is measured on.",
         "",
         "## Overall",
         "",
@@ -117,9 +118,8 @@ def write_report(folder: str, collector: StatsCollector, models: Dict[str, str],
     data = build_data(agg, collector.skipped(), models, source, weights)
     note = draw_heatmap(agg, os.path.join(folder, PNG_NAME)) if agg.tensors else "no tensors were measured"
     data["heatmap"] = PNG_NAME if note is None else None
-    with open(os.path.join(folder, JSON_NAME), "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, allow_nan=False, ensure_ascii=False)  # undefined values are null, never NaN
-        handle.write("\n")
-    with open(os.path.join(folder, MD_NAME), "w", encoding="utf-8") as handle:
-        handle.write(markdown(agg, data, note))
+    # undefined values are null, never NaN; keys in the documented order
+    atomic_write_json(os.path.join(folder, JSON_NAME), data, indent=1, allow_nan=False, ensure_ascii=False,
+                      sort_keys=False, default=None)
+    atomic_write_text(os.path.join(folder, MD_NAME), markdown(agg, data, note))
     return Report(agg, data, data["heatmap"])

@@ -7,6 +7,7 @@ report's when the merge does not change the inputs' dtype (pass --dtype to mimic
 """
 
 import glob
+import json
 import os
 from typing import Dict, List, Optional
 
@@ -16,13 +17,15 @@ from finmerge.plugins.collector import CHUNK_ELEMENTS
 from finmerge.plugins.diagnostics.report import Report, write_report
 from finmerge.plugins.diagnostics.stats import StatsCollector
 from finmerge.plugins.diagnostics.tensorfile import RangeReader, TensorFileError, TensorLocation, read_header
+from finmerge.safety.errors import InputError
+from finmerge.safety.outputs import check_output_location
 
 ROLES = ("base", "domain", "instruct")
 _HUB_FILES = ["*.safetensors", "*.safetensors.index.json", "config.json"]
 _MAX_ITEMSIZE = 8
 
 
-class DiagnoseError(ValueError):
+class DiagnoseError(InputError):
     """A checkpoint cannot be measured; the message names the model and says what to do."""
 
 
@@ -43,9 +46,49 @@ def resolve_checkpoint(model: str, role: str, cache_dir: Optional[str] = None) -
         ) from error
 
 
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def _indexed_files(folder: str, role: str) -> Dict[str, List[str]]:
+    """shard file -> tensor names, from model.safetensors.index.json's weight_map."""
+    path = os.path.join(folder, INDEX_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            weight_map = json.load(handle)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to file names")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise DiagnoseError(f"{role} model: {path} is not a readable safetensors index ({type(error).__name__}: "
+                            f"{error}); fix or remove it") from error
+    files: Dict[str, List[str]] = {}
+    for name, file in weight_map.items():
+        if os.path.basename(file) != file:
+            raise DiagnoseError(f"{role} model: {path} maps tensor {name} to {file!r}, which is not a file in the "
+                                "model folder; fix the index")
+        files.setdefault(file, []).append(name)
+    return files
+
+
 def tensor_index(folder: str, role: str) -> Dict[str, TensorLocation]:
-    """name -> location from the safetensors headers of every shard (no tensor data is read)."""
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    """name -> location from the safetensors headers (no tensor data is read).
+
+    The files are chosen as mergekit and transformers choose them: the shards that
+    model.safetensors.index.json names (only the tensors it maps to each), else model.safetensors,
+    else every *.safetensors file. So a folder that also holds e.g. consolidated.safetensors (the
+    same weights under other names) is not counted twice.
+    """
+    if os.path.isfile(os.path.join(folder, INDEX_FILE)):
+        wanted: Optional[Dict[str, List[str]]] = _indexed_files(folder, role)
+        files = [os.path.join(folder, f) for f in sorted(wanted)]
+        for file in files:
+            if not os.path.isfile(file):
+                raise DiagnoseError(f"{role} model: {INDEX_FILE} names {os.path.basename(file)}, which is not in "
+                                    f"{folder}; download the missing shard")
+    elif os.path.isfile(os.path.join(folder, SINGLE_FILE)):
+        wanted, files = None, [os.path.join(folder, SINGLE_FILE)]
+    else:
+        wanted, files = None, sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         pickled = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "*.pt"))
         hint = " (only pickled .bin weights: convert them to safetensors first)" if pickled else ""
@@ -53,9 +96,17 @@ def tensor_index(folder: str, role: str) -> Dict[str, TensorLocation]:
     index = {}
     for file in files:
         try:
-            index.update(read_header(file))
+            header = read_header(file)
         except TensorFileError as error:
             raise DiagnoseError(f"{role} model: {error}") from error
+        if wanted is not None:
+            names = wanted[os.path.basename(file)]
+            absent = [n for n in names if n not in header]
+            if absent:
+                raise DiagnoseError(f"{role} model: {INDEX_FILE} maps tensor {absent[0]} to "
+                                    f"{os.path.basename(file)}, which does not hold it; fix the index")
+            header = {n: header[n] for n in names}
+        index.update(header)
     return index
 
 
@@ -138,6 +189,7 @@ def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] =
     missing = [role for role in ROLES if not models.get(role)]
     if missing:
         raise DiagnoseError(f"missing model(s): {', '.join(missing)}")
+    check_output_location(out, [models[role] for role in ROLES], what="diagnostics folder")  # never into an input
     preload_in_background()
     folders = {role: resolve_checkpoint(models[role], role, cache_dir) for role in ROLES}
     indexes = {role: tensor_index(folders[role], role) for role in ROLES}

@@ -1,6 +1,6 @@
 """Streaming statistics of two task vectors: per tensor, chunk by chunk, summed in float64.
 
-Everything reported (cosine, norms, relative sizes, sign agreement) derives from six sums, so any
+Everything reported (cosine, norms, relative sizes, sign agreement) derives from seven sums, so any
 group of tensors (a layer, a module type, the whole model) is aggregated by adding sums, never by
 averaging per-tensor cosines.
 """
@@ -25,6 +25,7 @@ class Sums:
     sq_instruct: float = 0.0  # Σ τ_i²
     sq_base: float = 0.0  # Σ θ_base²
     agree: int = 0  # entries where τ_d and τ_i are both non-zero with the same sign
+    both_nonzero: int = 0  # entries where τ_d and τ_i are both non-zero
     tensors: int = 0
 
     def __iadd__(self, other: "Sums") -> "Sums":
@@ -64,7 +65,17 @@ class Sums:
 
     @property
     def sign_agree(self) -> Optional[float]:
-        return self.agree / self.n if self.n else None
+        """Same-sign share among the entries where both vectors are non-zero (0.5 for independent signs).
+
+        Not among all entries: on bf16 weights most entries of a small fine-tune's τ round to zero, and
+        a share of all entries would read as strong disagreement. None when no entry has both non-zero.
+        """
+        return self.agree / self.both_nonzero if self.both_nonzero else None
+
+    @property
+    def nonzero_share(self) -> Optional[float]:
+        """Share of entries where both τ_d and τ_i are non-zero: what sign_agree is measured on."""
+        return self.both_nonzero / self.n if self.n else None
 
     @property
     def random_cos_std(self) -> Optional[float]:
@@ -76,10 +87,10 @@ class Sums:
             "cos": self.cos, "random_cos_std": self.random_cos_std,
             "norm_domain": self.norm_domain, "norm_instruct": self.norm_instruct, "norm_base": self.norm_base,
             "rel_domain": self.relative(self.sq_domain), "rel_instruct": self.relative(self.sq_instruct),
-            "sign_agree": self.sign_agree,
+            "sign_agree": self.sign_agree, "nonzero_share": self.nonzero_share,
             "n": self.n, "tensors": self.tensors,
             "sums": {"dot": self.dot, "sq_domain": self.sq_domain, "sq_instruct": self.sq_instruct,
-                     "sq_base": self.sq_base, "agree": self.agree},
+                     "sq_base": self.sq_base, "agree": self.agree, "both_nonzero": self.both_nonzero},
         }
 
 
@@ -95,7 +106,7 @@ class TensorAccumulator:
 
     def __init__(self, name: str, shape: Tuple[int, ...]):
         self.name, self.shape = name, tuple(shape)
-        self._sums: Optional[torch.Tensor] = None  # float64 [dot, sq_d, sq_i, sq_base, agree]
+        self._sums: Optional[torch.Tensor] = None  # float64 [dot, sq_d, sq_i, sq_base, agree, both_nonzero]
         self._n = 0
 
     def update(self, base: torch.Tensor, tau_d: torch.Tensor, tau_i: torch.Tensor,
@@ -109,12 +120,13 @@ class TensorAccumulator:
         if scratch is None or scratch.shape != tau_d.shape or scratch.dtype != tau_d.dtype:
             scratch = torch.empty_like(tau_d)
         dot = torch.mul(tau_d, tau_i, out=scratch).sum()  # cascaded sum: more accurate than a BLAS dot
-        # product > 0 <=> both non-zero with the same sign (barring a product under ~1e-45 that
-        # underflows to 0); a sum of 1.0s is exact up to 2**24 entries, and faster than count_nonzero
+        # product != 0 <=> both non-zero, > 0 <=> also the same sign (barring a product under ~1e-45
+        # that underflows to 0); a sum of 1.0s is exact up to 2**24 entries, and faster than count_nonzero
+        both_nonzero = scratch.ne(0).sum(dtype=scratch.dtype)
         agree = scratch.gt_(0).sum()
         # BLAS dot: one read, no write; fp32 error ~1e-6 relative per chunk of a few 100k entries
         squares = [torch.dot(t, t) for t in (tau_d, tau_i, base)]
-        sums = torch.stack([dot, *squares, agree])
+        sums = torch.stack([dot, *squares, agree, both_nonzero])
         # float64 on the tensors' device (no sync per chunk); Apple MPS has no float64, so the CPU there
         sums = sums.to("cpu" if sums.device.type == "mps" else sums.device, torch.float64)
         if self._sums is None:
@@ -126,9 +138,9 @@ class TensorAccumulator:
     def result(self) -> Sums:
         if self._sums is None:
             return Sums(tensors=1)
-        dot, sq_d, sq_i, sq_b, agree = self._sums.tolist()
+        dot, sq_d, sq_i, sq_b, agree, both_nonzero = self._sums.tolist()
         return Sums(n=self._n, dot=dot, sq_domain=sq_d, sq_instruct=sq_i, sq_base=sq_b,
-                    agree=int(agree), tensors=1)
+                    agree=int(agree), both_nonzero=int(both_nonzero), tensors=1)
 
 
 @dataclass
