@@ -237,8 +237,10 @@ def parser() -> HfArgumentParser:
 
 def _actions() -> Dict[str, argparse.Action]:
     """The parser's option for every field: its `type` and `choices` type a YAML value as the command line would."""
-    return {action.dest: action for action in parser()._actions
-            if action.option_strings and not action.option_strings[0].startswith("--no")}
+    actions: Dict[str, argparse.Action] = {}
+    for action in parser()._actions:
+        actions.setdefault(action.dest, action)  # a boolean's `--no_X` complement comes after `--X`
+    return actions
 
 
 def _typed(name: str, value: Any, action: argparse.Action, where: str) -> Any:
