@@ -38,3 +38,24 @@ def check_fsdp_wrap_class(config: PretrainConfig, model_config) -> None:
             f"decoder-layer classes are: {', '.join(layers) or 'unknown (the model declares no _no_split_modules)'}. "
             f"Set fsdp_transformer_layer_cls_to_wrap in the accelerate config (or transformer_layer_cls_to_wrap in "
             f"--fsdp_config) to one of them.")
+
+
+def fsdp_requested(config: PretrainConfig) -> bool:
+    return (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+            or bool(config.fsdp))
+
+
+def check_fsdp_runs_sharded(config: PretrainConfig) -> None:
+    """accelerate (1.15) enables FSDP only for GPU-like process groups: on CPU processes an FSDP config trains
+    plain DDP (every process holds the whole model) without a word. Say so instead of pretending to shard."""
+    if not fsdp_requested(config):
+        return
+    from accelerate.utils import DistributedType
+
+    config.world_size  # sets up the process group, as the Trainer will
+    kind = config.distributed_state.distributed_type
+    if kind in (DistributedType.MULTI_CPU, DistributedType.NO):
+        raise PretrainError(
+            f"FSDP is requested (accelerate config or --fsdp) but these processes run as {kind.value} "
+            f"({config.world_size} process(es), no GPU): accelerate shards only across accelerators and would train "
+            f"unsharded DDP instead. Run FSDP on GPUs, or use recipes/accelerate/ddp-cpu.yaml on CPUs.")

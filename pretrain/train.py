@@ -15,7 +15,7 @@ from .base_model import (check_seq_len, check_weights_format, checkpoint_dtype, 
 from .checkpoint import finish_checkpoint, last_checkpoint
 from .config import PretrainConfig, PretrainError, fingerprint, settings
 from .corpus import resolve_sources, source_identity
-from .distributed import check_fsdp_wrap_class
+from .distributed import check_fsdp_runs_sharded, check_fsdp_wrap_class
 from .output_folder import (CHECKPOINTS, DATA_DIR, PPL_BEFORE, SUMMARY_FILE, forget_failed_start, inspect_output,
                             read_json, start, stored_run)
 from .summary import heldout_note, loss_curve, perplexity, write_plot
@@ -45,6 +45,7 @@ def check_base_model(config: PretrainConfig, base_folder: str):
     check_seq_len(config, model_config)
     check_weights_format(config, base_folder)
     check_fsdp_wrap_class(config, model_config)
+    check_fsdp_runs_sharded(config)
     return model_config
 
 
