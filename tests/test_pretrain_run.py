@@ -261,7 +261,7 @@ def _run_in_process(family_base, data, out, **overrides):
 def test_gradient_checkpointing_and_accumulation_reach_the_same_weights(tiny_family, tmp_path):
     data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(60, seed=4))
     _run_in_process(tiny_family.base, data, tmp_path / "plain")
-    _run_in_process(tiny_family.base, data, tmp_path / "ckpt", gradient_checkpointing=True)
+    _run_in_process(tiny_family.base, data, tmp_path / "ckpt", activation_checkpointing=True)
     _run_in_process(tiny_family.base, data, tmp_path / "accum", per_device_train_batch_size=2, gradient_accumulation_steps=2)
     plain, ckpt, accum = (load_weights(str(tmp_path / n)) for n in ("plain", "ckpt", "accum"))
     for key in plain:
