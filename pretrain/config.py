@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 from transformers import HfArgumentParser, TrainingArguments
 
 from finmerge.safety.errors import InputError
-from finmerge.safety.flags import CLI_ONLY, refuse_cli_only
+from finmerge.safety.flags import refuse_cli_only
 
 
 class PretrainError(InputError):
@@ -332,8 +332,6 @@ def build_config(config_file: Optional[str] = None, overrides: Optional[Dict[str
              if not (v is None or (isinstance(v, (list, tuple)) and not v))}
     refuse_cli_only(given, "pretrain settings (overrides)")
     values.update(_named(given, "pretrain settings", actions))
-    for name, flag in CLI_ONLY.items():
-        assert name not in values, flag  # refused above
     try:
         return PretrainConfig(**values, trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle))
     except PretrainError as error:

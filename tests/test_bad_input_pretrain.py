@@ -8,6 +8,9 @@ import pytest
 from bad_input import assert_clean_failure, command, run, snapshot
 from pretrain_fixtures import finance_documents, write_jsonl
 
+# one `finmerge pretrain` process per case (each imports transformers): in `make test`, not `make test-fast`
+pytestmark = pytest.mark.slow
+
 
 def _yaml(text):
     def make(tmp, base, data):
