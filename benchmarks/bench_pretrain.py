@@ -123,7 +123,7 @@ def main():
             handle.write(json.dumps({"text": text}) + "\n")
 
     # packed: finmerge's own pipeline (no cleaning filter fires on this corpus)
-    config = PretrainConfig(model=model_dir, output=workdir, data=[corpus_path], seq_len=args.seq_len, eval_fraction=0.0,
+    config = PretrainConfig(model=model_dir, output_dir=workdir, data=[corpus_path], seq_len=args.seq_len, eval_fraction=0.0,
                             min_chars=1, near_dedup=False).validate()
     report = build_blocks(config, tokenizer, resolve_sources(config.data), [], os.path.join(workdir, "packed"))
     packed = load_blocks(os.path.join(workdir, "packed", "train.arrow"))

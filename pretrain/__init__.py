@@ -1,11 +1,18 @@
 """Continual pretraining of the base on domain text: the `domain` checkpoint of a recipe.
 
-    config.py   PretrainConfig: every setting, its docs (= `finmerge pretrain --help`), YAML + overrides
-    corpus.py   sources (.txt/.jsonl/.parquet, datasets), cleaning, exact and MinHash near-dedup
-    packing.py  tokenize + EOS, fixed-length blocks, collator, document-isolation check
-    data.py     the streaming pass corpus -> packed Arrow blocks + data report
-    train.py    run_pretraining: output folder and resume, transformers Trainer, summary, plot
+    config.py         PretrainConfig (a TrainingArguments subclass): every setting and its help; build_config
+    corpus.py         sources (.txt/.jsonl/.parquet, datasets), cleaning, exact and MinHash near-dedup
+    packing.py        tokenize + EOS, fixed-length blocks, collator, document-isolation check
+    data.py           the streaming pass corpus -> packed Arrow blocks + data report
+    base_model.py     the base: local files, identity by content, dtype, checks
+    output_folder.py  OUT: run.json, fresh/resume/complete, refusal of a foreign folder
+    checkpoint.py     resumable checkpoints, the final domain checkpoint (config, dtype)
+    distributed.py    FSDP wrap-class check
+    summary.py        perplexity, loss curve, plot
+    train.py          run_pretraining: the steps above, in order
+    options_doc.py    writes the options table of docs/pretrain.md from PretrainConfig
 
-Importing this package costs no torch; `finmerge.pretrain.train.run_pretraining(config)` runs a job.
+Entry points: `build_config(config_file=None, overrides=None, *, trust_remote_code=False, allow_pickle=False)`
+(finmerge.pretrain.config) and `run_pretraining(config, callbacks=None)` (finmerge.pretrain.train).
 See docs/pretrain.md.
 """

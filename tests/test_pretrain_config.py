@@ -1,4 +1,4 @@
-"""The pretrain config: one dataclass -> YAML schema and --help; CLI overrides; refusals. No torch needed."""
+"""The pretrain config: a TrainingArguments subclass -> YAML, overrides, flags, --help and docs from one source."""
 
 import dataclasses
 import glob
@@ -9,8 +9,10 @@ from click.testing import CliRunner
 
 from finmerge.cli.pretrain import pretrain
 from finmerge.pretrain.config import PretrainConfig, PretrainError, build_config, fingerprint
+from finmerge.safety.flags import CommandLineOnlyError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED = {"model": "m", "output": "o", "data": ["x"]}
 
 
 def _write(path, text):
@@ -19,41 +21,71 @@ def _write(path, text):
     return str(path)
 
 
-def test_help_is_generated_from_the_dataclass():
+def test_config_is_training_arguments_and_help_lists_every_option():
+    from transformers import TrainingArguments
+
+    assert issubclass(PretrainConfig, TrainingArguments)
     result = CliRunner().invoke(pretrain, ["--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     for f in dataclasses.fields(PretrainConfig):
-        assert "--" + f.name.replace("_", "-") in text, f.name
-        # the first words of the field's documentation appear in --help
-        assert " ".join(f.metadata["help"].split()[:5]) in text, f.name
-    assert "--no-dedup" in text and "[default: 2048]" in text
+        if f.init:
+            assert f"--{f.name}" in text, f.name
+    for trainer_option in ("--optim", "--gradient_accumulation_steps", "--lr_scheduler_type", "--report_to",
+                           "--deepspeed", "--fsdp", "--torch_compile", "--warmup_steps"):
+        assert trainer_option in text
+    assert " ".join(PretrainConfig.__dataclass_fields__["seq_len"].metadata["help"].split()[:6]) in text
+
+
+def test_docs_options_table_is_up_to_date():
+    from finmerge.pretrain.options_doc import render
+
+    with open(os.path.join(ROOT, "docs", "pretrain.md"), encoding="utf-8") as handle:
+        document = handle.read()
+    assert render(document) == document, "run: python -m finmerge.pretrain.options_doc docs/pretrain.md"
 
 
 def test_yaml_values_then_command_line_overrides(tmp_path):
     (tmp_path / "corpus").mkdir()
     config_file = _write(tmp_path / "cfg.yml", "model: base\noutput: out\ndata: [corpus, other/x.jsonl]\n"
-                                               "seq_len: 128\nlearning_rate: 1.0e-4\nnfkc: true\n")
+                                               "seq_len: 128\nlearning_rate: 1e-4\nnfkc: true\noptim: adafactor\n"
+                                               "gradient_accumulation_steps: 3\n")
     config = build_config(config_file, {"seq_len": 32, "nfkc": None, "max_steps": 7})
-    assert config.seq_len == 32                       # command line wins
-    assert config.learning_rate == 1e-4 and config.nfkc is True  # from YAML
+    assert config.seq_len == 32                       # overrides win
+    assert config.learning_rate == 1e-4 and config.nfkc is True  # YAML's "1e-4" string typed as the flag would be
+    assert config.optim == "adafactor" and config.gradient_accumulation_steps == 3  # Trainer options from YAML
     assert config.max_steps == 7
     assert config.data == [str(tmp_path / "corpus"), "other/x.jsonl"]  # existing relative path -> beside the file
-    assert config.model == "base" and config.output == "out"
-    assert config.per_device_train_batch_size == PretrainConfig.per_device_train_batch_size  # default untouched
+    assert config.model == "base" and config.output_dir == "out"
+    assert config.per_device_train_batch_size == 4 and config.lr_scheduler_type == "cosine"  # our defaults
     assert build_config(config_file, {"data": ("a.jsonl",)}).data == ["a.jsonl"]  # --data replaces the list
 
 
-def test_flags_only_through_the_cli_parser(tmp_path, monkeypatch):
+def test_flags_through_the_command_line_parser(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr("finmerge.pretrain.train.run_pretraining", lambda config: seen.setdefault("config", config) and {})
-    result = CliRunner().invoke(pretrain, ["--model", "m", "--data", "a.txt", "--data", "b/", "--output", "o",
-                                           "--max-steps", "5", "--seq-len", "16", "--no-near-dedup", "--nfkc"])
+    config_file = _write(tmp_path / "cfg.yml", "seq_len: 128\nmin_chars: 5\n")
+    result = CliRunner().invoke(pretrain, [config_file, "--model", "m", "--data", "a.txt", "--data", "b/", "c/",
+                                           "--output", "o", "--max-steps", "5", "--seq_len", "16", "--no-near-dedup",
+                                           "--nfkc", "--optim", "sgd", "--lr_scheduler_type", "linear",
+                                           "--trust-remote-code"])
     assert result.exit_code == 0, result.output
     config = seen["config"]
-    assert (config.model, config.data, config.output) == ("m", ["a.txt", "b/"], "o")
+    assert (config.model, config.data, config.output_dir) == ("m", ["a.txt", "b/", "c/"], "o")
     assert (config.max_steps, config.seq_len, config.near_dedup, config.nfkc, config.dedup) == (5, 16, False, True, True)
-    assert config.trust_remote_code is False
+    assert (config.optim, config.lr_scheduler_type, config.min_chars) == ("sgd", "linear", 5)
+    assert config.trust_remote_code is True and config.allow_pickle is False
+
+
+def test_renamed_keys_work_in_files_and_are_named_on_the_command_line(tmp_path, monkeypatch):
+    config_file = _write(tmp_path / "cfg.yml", "model: m\noutput: o\ndata: [x]\nwarmup_ratio: 0.05\n")
+    assert build_config(config_file).warmup_steps == 0.05
+    assert build_config(None, {**REQUIRED, "warmup_ratio": 0.2}).warmup_steps == 0.2
+    monkeypatch.setattr("finmerge.pretrain.train.run_pretraining", lambda config: {})
+    result = CliRunner().invoke(pretrain, ["--model", "m", "--data", "x", "--output", "o", "--warmup-ratio", "0.1"])
+    assert result.exit_code != 0 and "--warmup-ratio is now --warmup_steps" in result.output
+    result = CliRunner().invoke(pretrain, ["--model", "m", "--data", "x", "--output", "o", "--bogus", "1"])
+    assert result.exit_code != 0 and "unknown option or extra argument '--bogus'" in result.output
 
 
 def test_unknown_yaml_field_is_named_with_a_suggestion(tmp_path):
@@ -62,16 +94,18 @@ def test_unknown_yaml_field_is_named_with_a_suggestion(tmp_path):
         build_config(config_file)
 
 
-def test_config_file_cannot_turn_on_trust_remote_code(tmp_path):
-    config_file = _write(tmp_path / "cfg.yml", "model: m\noutput: o\ndata: [x]\ntrust_remote_code: true\n")
-    with pytest.raises(PretrainError, match=r"`trust_remote_code` cannot be set in a config file.*--trust-remote-code"):
+@pytest.mark.parametrize("key", ["trust_remote_code", "allow_pickle", "trust-remote-code"])
+def test_code_and_pickle_flags_are_command_line_only(tmp_path, key):
+    config_file = _write(tmp_path / "cfg.yml", f"model: m\noutput: o\ndata: [x]\n{key}: true\n")
+    with pytest.raises(CommandLineOnlyError, match=rf"`{key}` cannot be set in a file"):
         build_config(config_file)
+    with pytest.raises(CommandLineOnlyError, match=rf"`{key}` cannot be set"):  # nor by a recipe's overrides
+        build_config(None, {**REQUIRED, key: True})
     result = CliRunner().invoke(pretrain, [config_file])
-    assert result.exit_code != 0 and "--trust-remote-code on the command line" in result.output
-    # the flag itself is accepted
+    assert result.exit_code != 0 and "on the command line" in result.output
     clean = _write(tmp_path / "ok.yml", "model: m\noutput: o\ndata: [x]\n")
-    assert build_config(clean, {"trust_remote_code": True}).trust_remote_code is True
-    assert build_config(clean).trust_remote_code is False
+    assert build_config(clean, trust_remote_code=True, allow_pickle=True).trust_remote_code is True
+    assert build_config(clean).trust_remote_code is False and build_config(clean).allow_pickle is False
 
 
 @pytest.mark.parametrize("line, message", [
@@ -80,6 +114,8 @@ def test_config_file_cannot_turn_on_trust_remote_code(tmp_path):
     ("precision: int4", r"`precision` must be one of auto, bf16, fp16, fp32"),
     ("replay_ratio: 1.0", r"`replay_ratio` must be in \[0, 1\)"),
     ("seq_len: 1", r"`seq_len` must be at least 2"),
+    ("optim: adamw_bogus", r"`optim` must be one of .*adamw_torch"),
+    ("learning_rate: fast", r"`learning_rate` must be a number"),
 ])
 def test_bad_values_name_the_field(tmp_path, line, message):
     config_file = _write(tmp_path / "cfg.yml", f"model: m\noutput: o\ndata: [x]\n{line}\n")
@@ -92,6 +128,8 @@ def test_required_fields_and_bad_yaml(tmp_path):
         build_config(None, {"model": "m", "output": "o"})
     with pytest.raises(PretrainError, match=r"`model` is required"):
         build_config(None, {"data": ("x",), "output": "o"})
+    with pytest.raises(PretrainError, match=r"`output_dir` is required"):
+        build_config(None, {"data": ("x",), "model": "m"})
     with pytest.raises(PretrainError, match=r"not valid YAML"):
         build_config(_write(tmp_path / "bad.yml", "model: [unclosed\n"))
     with pytest.raises(PretrainError, match=r"must be a mapping"):
@@ -102,26 +140,37 @@ def test_required_fields_and_bad_yaml(tmp_path):
 
 def test_example_configs_parse():
     files = sorted(glob.glob(os.path.join(ROOT, "recipes", "pretrain-*.yml")))
-    assert len(files) >= 2
+    assert len(files) >= 3
     for path in files:
         config = build_config(path)
-        assert config.model and config.data and config.output and config.seq_len >= 64
+        assert config.model and config.data and config.output_dir and config.seq_len >= 64
+
+
+def test_demo_recipe_pretrain_section_builds():
+    import yaml
+
+    with open(os.path.join(ROOT, "recipes", "demo.yml"), encoding="utf-8") as handle:
+        section = yaml.safe_load(handle)["finmerge"]["pretrain"]
+    config = build_config(None, {**section, "model": "m", "output": "o"})
+    assert config.replay_ratio == section["replay_ratio"] and config.seq_len == section["seq_len"]
 
 
 def test_fingerprint_tracks_what_changes_the_weights():
-    base = build_config(None, {"model": "m", "output": "o", "data": ("x",)})
-    data, model = [{"file": "x", "sha256": "1"}], {"hub": "m"}
+    base = build_config(None, REQUIRED)
+    data, model = [{"file": "x", "sha256": "1"}], [{"file": "model.safetensors", "sha256": "a"}]
     reference = fingerprint(base, data, model)
-    same = [dataclasses.replace(base, num_threads=3), dataclasses.replace(base, output="elsewhere"),
-            dataclasses.replace(base, save_steps=7), dataclasses.replace(base, data=["moved/x"])]
-    for config in same:
+
+    def changed(**values):
+        return build_config(None, {**REQUIRED, **values})
+
+    for config in [changed(num_threads=3), changed(output="elsewhere"), changed(save_steps=7),
+                   changed(data=["moved/x"]), changed(logging_steps=3), changed(report_to="tensorboard")]:
         assert fingerprint(config, data, model) == reference
-    changed = [dataclasses.replace(base, learning_rate=1.0), dataclasses.replace(base, seq_len=64),
-               dataclasses.replace(base, max_steps=3), dataclasses.replace(base, seed=1)]
-    for config in changed:
+    for config in [changed(learning_rate=1.0), changed(seq_len=64), changed(max_steps=3), changed(seed=1),
+                   changed(optim="sgd"), changed(gradient_accumulation_steps=2), changed(save_dtype="float16")]:
         assert fingerprint(config, data, model) != reference
     assert fingerprint(base, [{"file": "x", "sha256": "2"}], model) != reference
-    assert fingerprint(base, data, {"hub": "other"}) != reference
+    assert fingerprint(base, data, [{"file": "model.safetensors", "sha256": "b"}]) != reference
 
 
 def test_command_module_sets_passive_omp_before_torch_and_imports_no_torch():

@@ -138,6 +138,62 @@ def test_non_empty_output_without_a_run_is_refused(tiny_family, corpus, tmp_path
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "precious"
 
 
+def test_output_of_an_older_finmerge_is_refused_not_cleared(tiny_family, tmp_path):
+    """A run.json without the ownership marker (an older finmerge's OUT) holds another run: refused, kept."""
+    data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(40, seed=5))
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"fingerprint": "0" * 64, "settings": {"learning_rate": 1.0}}))
+    (out / "model.safetensors").write_bytes(b"weights of the old run")
+    with pytest.raises(PretrainError, match=r"holds a different run .*learning_rate"):
+        _run_in_process(tiny_family.base, data, out)
+    assert sorted(os.listdir(out)) == ["model.safetensors", "run.json"]
+    assert (out / "model.safetensors").read_bytes() == b"weights of the old run"
+
+
+def test_a_different_base_of_the_same_shape_does_not_resume(tiny_family, tmp_path):
+    """The base is identified by the contents of its files: same names, sizes and shapes, other values -> refused."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_family.base, base)
+    data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(40, seed=5))
+    first = _run_in_process(str(base), data, tmp_path / "out", max_steps=1)
+    assert first["status"] == "completed"
+    weights = load_weights(str(base))
+    size = os.path.getsize(base / "model.safetensors")
+    save_file({k: v + 1.0 if v.is_floating_point() else v for k, v in weights.items()}, str(base / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert os.path.getsize(base / "model.safetensors") == size  # same shapes, same file size: only the values differ
+    with pytest.raises(PretrainError, match=r"holds a different run .*base model contents differ"):
+        _run_in_process(str(base), data, tmp_path / "out", max_steps=1)
+    # the same base under another path is the same run
+    shutil.copytree(tiny_family.base, tmp_path / "moved")
+    assert _run_in_process(str(tmp_path / "moved"), data, tmp_path / "out", max_steps=1)["status"] == "already complete"
+
+
+def test_saved_dtype_follows_a_bf16_hub_base(tmp_path):
+    """`save_dtype: auto` for a hub model: the checkpoint's own dtype (bf16 here), not fp32."""
+    from finmerge.demo.tiny_models import build_tiny_family
+
+    family = build_tiny_family(str(tmp_path / "bf16"), instruct_steps=1, dtype=torch.bfloat16)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--finmerge-test--tiny-bf16"
+    shutil.copytree(family.base, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(40, seed=5))
+    out = tmp_path / "out"
+    result = finmerge("pretrain", "--model", "finmerge-test/tiny-bf16", "--data", data, "--output", str(out),
+                      "--max-steps", "1", "--seq-len", "32", "--eval-fraction", "0", "--num-threads", "1",
+                      env={"HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {w.dtype for w in load_weights(str(out)).values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    run = json.loads((out / "run.json").read_text())
+    assert [f["file"] for f in run["model"]] == ["model.safetensors", "config.json"]
+
+
 # --- bad input, in process (fast) ---------------------------------------------------------------------
 
 def _invoke(*args):
@@ -196,7 +252,7 @@ def test_model_with_custom_code_needs_the_flag(tiny_family, corpus, tmp_path):
 def _run_in_process(family_base, data, out, **overrides):
     from finmerge.pretrain.train import run_pretraining
 
-    values = dict(model=family_base, data=[data], output=str(out), seq_len=32, max_steps=3, per_device_train_batch_size=4,
+    values = dict(model=family_base, data=[data], output_dir=str(out), seq_len=32, max_steps=3, per_device_train_batch_size=4,
                   learning_rate=3e-3, eval_fraction=0.0, num_threads=1, save_steps=100)
     values.update(overrides)
     return run_pretraining(PretrainConfig(**values))
@@ -205,7 +261,7 @@ def _run_in_process(family_base, data, out, **overrides):
 def test_gradient_checkpointing_and_accumulation_reach_the_same_weights(tiny_family, tmp_path):
     data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(60, seed=4))
     _run_in_process(tiny_family.base, data, tmp_path / "plain")
-    _run_in_process(tiny_family.base, data, tmp_path / "ckpt", gradient_checkpointing=True)
+    _run_in_process(tiny_family.base, data, tmp_path / "ckpt", activation_checkpointing=True)
     _run_in_process(tiny_family.base, data, tmp_path / "accum", per_device_train_batch_size=2, gradient_accumulation_steps=2)
     plain, ckpt, accum = (load_weights(str(tmp_path / n)) for n in ("plain", "ckpt", "accum"))
     for key in plain:
