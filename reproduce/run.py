@@ -9,7 +9,6 @@ recipe.py refuses it) and reach every stage: pretraining, the `mergekit-yaml` su
 """
 
 import contextlib
-import inspect
 import os
 import subprocess
 import sys
@@ -48,12 +47,7 @@ def build_pretrain_config(repro: Reproduction, threads: Optional[int], trust_rem
     overrides = {**repro.pretrain, "model": repro.model("base"), "output": repro.model("domain")}
     if threads:
         overrides["num_threads"] = threads
-    flags = flags_of(trust_remote_code, allow_pickle)
-    if "trust_remote_code" in inspect.signature(build_config).parameters:
-        return build_config(None, overrides, **flags)
-    # TEMPORARY compatibility shim until the pretrain config rewrite (keyword-only flags) is merged:
-    # the older build_config takes command-line values in `overrides`.
-    return build_config(None, {**overrides, **flags})
+    return build_config(None, overrides, **flags_of(trust_remote_code, allow_pickle))
 
 
 def _pretrain(repro: Reproduction, threads: Optional[int], flags: Dict[str, bool]) -> None:
