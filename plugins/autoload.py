@@ -24,7 +24,6 @@ import importlib
 import os
 import sys
 from importlib.machinery import PathFinder
-from typing import Optional
 
 _TARGETS = ("mergekit.merge_methods", "mergekit.merge")
 SUPPORTED_FALLBACK = ">=0.1.5,<0.2"  # pyproject's requirement, used if the installed metadata is missing
@@ -114,7 +113,7 @@ def _after_import(name: str, strict: bool = False) -> None:
         _warn_once(error)
 
 
-def _clean_message(error: BaseException) -> Optional[str]:
+def _clean_message(error: BaseException) -> "str | None":  # no `typing` import at start-up
     """The one-paragraph message of an error our plugin raised for bad input; None for anything else."""
     from finmerge.safety.errors import InputError
 
