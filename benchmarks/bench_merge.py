@@ -17,6 +17,16 @@ Inputs are read from the page cache (a warm-up read runs first), so the numbers 
 and memory, not disk speed. The checkpoints are deleted at the end (unless --keep).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_merge.py --repeats 2
+
+`--ratio N`: the fixed-cost comparison. task_arithmetic and domain_instruct (with diagnostics)
+through plain mergekit-yaml, alternating, N runs each; prints the median wall time of each and the
+median of the per-pair ratios (each pair ran side by side, so load from other processes hits both).
+
+`--profile`: one domain_instruct merge in-process under cProfile, split into mergekit's run_merge
+(tensor math + I/O) and what finmerge adds around it (preflight, output fix-up, diagnostics report,
+heatmap, model card, swap), plus the largest items of the heatmap.
+
+    .venv/bin/python benchmarks/bench_merge.py --hidden 576 --intermediate 1536 --layers 30 --vocab 49152 --ratio 7
 """
 
 import argparse
@@ -162,7 +172,7 @@ def run_child(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[
     load = os.getloadavg()[0]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
             tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
-        timed = [TIME, "-f", "%M", "-o", rss.name, *command] if os.access(TIME, os.X_OK) else command
+        timed = [TIME, "-f", "%M %U %S", "-o", rss.name, *command] if os.access(TIME, os.X_OK) else command
         start = time.perf_counter()
         process = subprocess.Popen(timed, stdout=out, stderr=err, env=env, text=True)
         _, status, usage = os.wait4(process.pid, 0)  # files, not pipes: a chatty child cannot block
@@ -173,8 +183,13 @@ def run_child(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[
         measured = rss.read().strip().splitlines()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
-    rss_kb = int(measured[-1]) if timed[0] == TIME else usage.ru_maxrss
-    result = {"wall_s": wall, "rss_mb": rss_kb / 1024, "load": load}
+    if timed[0] == TIME:
+        rss_kb, user, system = measured[-1].split()
+        cpu = float(user) + float(system)
+    else:
+        rss_kb, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime
+    # CPU seconds (user + system) move less than wall time when other processes share the cores
+    result = {"wall_s": wall, "cpu_s": cpu, "rss_mb": int(rss_kb) / 1024, "load": load}
     last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
     if last.startswith("{"):
         result.update(json.loads(last))
@@ -255,6 +270,86 @@ def table(results: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def ratio_runs(paths: Dict[str, str], recipes: Dict[str, str], root: str, runs: int,
+               against: str = "domain_instruct") -> Dict[str, object]:
+    """Alternate task_arithmetic / `against` (order flipped every pair); medians and pair ratios."""
+    import statistics
+
+    walls: Dict[str, List[float]] = {"task_arithmetic": [], against: []}
+    cpus: Dict[str, List[float]] = {"task_arithmetic": [], against: []}
+    ratios, cpu_ratios = [], []
+    for run in range(runs):
+        order = ["task_arithmetic", against][:: 1 if run % 2 == 0 else -1]
+        pair: Dict[str, Dict[str, float]] = {}
+        for stage in order:
+            out = os.path.join(root, f"out-{stage}-{run}")
+            pair[stage] = run_child(*stage_command(stage, root, paths, recipes, out))
+            walls[stage].append(pair[stage]["wall_s"])
+            cpus[stage].append(pair[stage]["cpu_s"])
+            shutil.rmtree(out, ignore_errors=True)
+        ratios.append(pair[against]["wall_s"] / pair["task_arithmetic"]["wall_s"])
+        cpu_ratios.append(pair[against]["cpu_s"] / pair["task_arithmetic"]["cpu_s"])
+        print(f"pair {run + 1}: task_arithmetic {pair['task_arithmetic']['wall_s']:.2f} s "
+              f"(cpu {pair['task_arithmetic']['cpu_s']:.2f}), {against} {pair[against]['wall_s']:.2f} s "
+              f"(cpu {pair[against]['cpu_s']:.2f}), ratio {ratios[-1]:.3f} (cpu {cpu_ratios[-1]:.3f}) "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    median = statistics.median
+    summary = {"median_s": {k: median(v) for k, v in walls.items()}, "median_cpu_s": {k: median(v) for k, v in cpus.items()},
+               "median_ratio": median(ratios), "median_cpu_ratio": median(cpu_ratios), "ratios": ratios,
+               "cpu_ratios": cpu_ratios, "walls": walls, "cpus": cpus}
+    print(f"\nmedian task_arithmetic {summary['median_s']['task_arithmetic']:.2f} s, {against} "
+          f"{summary['median_s'][against]:.2f} s; median of pair ratios {summary['median_ratio']:.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {runs} pairs); CPU seconds: median "
+          f"{summary['median_cpu_s']['task_arithmetic']:.2f} vs {summary['median_cpu_s'][against]:.2f}, "
+          f"median of pair ratios {summary['median_cpu_ratio']:.3f}")
+    return summary
+
+
+PROFILED = {  # what finmerge does around mergekit's run_merge, by function
+    "mergekit run_merge (tensor math + I/O)": "mergekit/merge.py:30(run_merge)",
+    "preflight (configs, safetensors headers)": "finmerge/plugins/preflight.py:*(preflight)",
+    "output fix-up (tokenizer, ids)": "finmerge/plugins/instruct_output.py:*(finish_instruct_output)",
+    "diagnostics report (incl. heatmap)": "finmerge/plugins/diagnostics/report.py:*(write_report)",
+    "  heatmap PNG (matplotlib)": "finmerge/plugins/diagnostics/heatmap.py:*(draw_heatmap)",
+    "model card": "mergekit/card.py:*(generate_card)",
+    "swap into OUT": "finmerge/plugins/run.py:*(_move_into_place)",
+    "whole domain_instruct merge": "finmerge/plugins/run.py:*(run_domain_instruct)",
+}
+
+
+def profile_child(recipe: str, out: str) -> None:
+    """Child process: one domain_instruct merge under cProfile; cumulative seconds per step."""
+    import cProfile
+    import fnmatch
+    import pstats
+
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    with open(recipe, encoding="utf-8") as handle:
+        source = handle.read()
+    config = MergeConfiguration.model_validate(yaml.safe_load(source))
+    profile = cProfile.Profile()
+    profile.runcall(run_merge, config, out, options=MergeOptions(quiet=True), config_source=source)
+    stats = pstats.Stats(profile).stats  # {(file, line, function): (calls, ncalls, tottime, cumtime, callers)}
+    result = {}
+    for label, pattern in PROFILED.items():
+        hits = [v[3] for (file, line, function), v in stats.items()
+                if fnmatch.fnmatch(f"{file}:{line}({function})", "*" + pattern)]
+        result[label] = max(hits) if hits else 0.0
+    heatmap = [(v[3], f"{os.path.basename(file)}:{function}") for (file, _, function), v in stats.items()
+               if "matplotlib" in file and function in ("savefig", "tight_layout", "colorbar", "add_subplot")]
+    for label, seconds in result.items():
+        print(f"{seconds:8.3f} s  {label}")
+    outside = result["whole domain_instruct merge"] - result["mergekit run_merge (tensor math + I/O)"]
+    print(f"{outside:8.3f} s  finmerge's cost around run_merge")
+    for seconds, name in sorted(heatmap, reverse=True):
+        print(f"{seconds:8.3f} s    matplotlib {name}")
+    print(json.dumps({**result, "outside_run_merge": outside}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1280)
@@ -267,7 +362,13 @@ def main() -> None:
     parser.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and outputs")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--ratio", type=int, default=0, metavar="N",
+                        help="only the fixed-cost comparison: N alternating task_arithmetic/domain_instruct pairs")
+    parser.add_argument("--ratio-against", default="domain_instruct",
+                        help="comma-separated: domain_instruct (with diagnostics) and/or di_no_diag")
+    parser.add_argument("--profile", action="store_true", help="also profile one domain_instruct merge in-process")
     parser.add_argument("--io-floor-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--profile-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints-child", help=argparse.SUPPRESS)
     parser.add_argument("--read-torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,6 +377,9 @@ def main() -> None:
         return
     if args.read_torch_child:
         read_torch(json.loads(args.read_torch_child))
+        return
+    if args.profile_child:
+        profile_child(*args.profile_child)
         return
     if args.checkpoints_child:
         print(json.dumps(write_checkpoints(args.checkpoints_child, args)))
@@ -295,6 +399,20 @@ def main() -> None:
         paths = json.loads(made.stdout.strip().splitlines()[-1])
         recipes = write_recipes(root, paths)
         run_child(*stage_command("io_floor", root, paths, recipes, os.path.join(root, "warmup")))  # page cache
+        if args.profile:
+            out = os.path.join(root, "out-profile")
+            profiled = subprocess.run([sys.executable, __file__, "--profile-child", recipes["domain_instruct"], out],
+                                      check=True, capture_output=True, text=True)
+            print("\n" + "\n".join(profiled.stdout.strip().splitlines()[:-1]) + "\n", flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+        if args.ratio:
+            summary = {against: ratio_runs(paths, recipes, root, args.ratio, against)
+                       for against in args.ratio_against.split(",")}
+            print(f"\nmachine: {machine()}")
+            if args.json:
+                with open(args.json, "w") as handle:
+                    json.dump({"machine": machine(), "args": vars(args), "ratio": summary}, handle, indent=2)
+            return
         results: Dict[str, Dict[str, float]] = {}
         for repeat in range(args.repeats):
             for stage in stages:

@@ -10,7 +10,9 @@ METHOD_NAME = "domain_instruct"
 def register() -> None:
     """Make `domain_instruct` available to mergekit by name, and make `run_merge` finish its output.
 
-    Idempotent: calling it again (or after the import hook already did it) changes nothing.
+    Idempotent: calling it again (or after the import hook already did it) changes nothing. Raises
+    finmerge.plugins.autoload.PluginUnavailable (a RuntimeError naming the mergekit version and the
+    reason) if this mergekit cannot take the method; the import hook only warns in that case.
     """
     from finmerge.plugins.autoload import install_into_loaded_mergekit
 

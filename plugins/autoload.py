@@ -12,6 +12,11 @@ interpreter start; it only adds a meta-path finder (no torch, no mergekit). When
 `mergekit-yaml`, `python -m mergekit.scripts.run_yaml` and `mergekit-multi` all bind `run_merge`
 after `mergekit.merge` is imported, so they all see the wrapper. Set FINMERGE_NO_AUTOLOAD=1 to
 switch the hook off (then call `finmerge.plugins.register()` yourself).
+
+The hook is fail-safe: it runs inside every import of mergekit in this environment, so if it cannot
+do its work (a mergekit version outside the supported range, one without the API the method is built
+on, a broken install), it prints one warning naming the mergekit version and the reason and leaves
+mergekit as it is: every other merge method keeps working.
 """
 
 import functools
@@ -21,9 +26,67 @@ import sys
 from importlib.machinery import PathFinder
 
 _TARGETS = ("mergekit.merge_methods", "mergekit.merge")
+SUPPORTED_FALLBACK = ">=0.1.5,<0.2"  # pyproject's requirement, used if the installed metadata is missing
+_state = {"unavailable": None, "warned": False}  # why the hook gave up (first reason), whether it said so
 
 
-def _after_import(name: str) -> None:
+class PluginUnavailable(RuntimeError):
+    """`domain_instruct` cannot be installed into this mergekit; the message says which and why."""
+
+
+def supported_mergekit() -> str:
+    """The mergekit versions finmerge supports: its own installed requirement (pyproject), e.g. `<0.2,>=0.1.5`."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        for line in metadata.requires("finmerge") or []:
+            requirement = Requirement(line)
+            if requirement.name == "mergekit" and requirement.marker is None:
+                return ",".join(sorted((str(s) for s in requirement.specifier), key=lambda s: s[0] != ">"))
+    except Exception:  # not installed as a distribution (a source checkout on sys.path)
+        pass
+    return SUPPORTED_FALLBACK
+
+
+def mergekit_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("mergekit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def check_mergekit_version() -> None:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    version, supported = mergekit_version(), supported_mergekit()
+    try:
+        ok = Version(version) in SpecifierSet(supported, prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        raise PluginUnavailable("this mergekit version is outside the supported range")
+
+
+def unavailable_message(error: BaseException) -> str:
+    reason = error if isinstance(error, PluginUnavailable) else f"{type(error).__name__}: {error}"
+    return (f"domain_instruct is not available: finmerge could not install it into mergekit {mergekit_version()} "
+            f"(supported: mergekit{supported_mergekit()}): {' '.join(str(reason).split())}. Other merge methods "
+            "work as usual; install a supported mergekit to use domain_instruct")
+
+
+def _warn_once(error: BaseException) -> None:
+    if not _state["warned"]:
+        _state["warned"] = True
+        print(f"finmerge warning: {unavailable_message(error)}", file=sys.stderr, flush=True)
+
+
+def _hook(name: str) -> None:
+    check_mergekit_version()
     if name == "mergekit.merge_methods":
         # Importing the method module registers it; if that module is what is importing mergekit
         # right now, it registers itself when it finishes.
@@ -32,6 +95,41 @@ def _after_import(name: str) -> None:
             method.register_method()
     elif name == "mergekit.merge":
         wrap_run_merge(sys.modules["mergekit.merge"])
+
+
+def _after_import(name: str, strict: bool = False) -> None:
+    """Do the hook's work for one freshly imported mergekit module; never let it break that import.
+
+    `strict` (finmerge's own `register()`): raise PluginUnavailable instead of warning.
+    """
+    if _state["unavailable"] is not None and not strict:
+        return  # already said why, once
+    try:
+        _hook(name)
+    except Exception as error:
+        _state["unavailable"] = _state["unavailable"] or error
+        if strict:
+            raise PluginUnavailable(unavailable_message(error)) from error
+        _warn_once(error)
+
+
+def _clean_message(error: BaseException) -> "str | None":  # no `typing` import at start-up
+    """The one-paragraph message of an error our plugin raised for bad input; None for anything else."""
+    from finmerge.safety.errors import InputError
+
+    if isinstance(error, InputError) or type(error).__module__.startswith("finmerge."):
+        return " ".join(str(error).split())
+    return None
+
+
+def _under_a_mergekit_command() -> bool:
+    """True inside a click command that is not finmerge's (mergekit-yaml, mergekit-multi...).
+
+    finmerge's own commands print errors themselves; library callers get the exception.
+    """
+    click = sys.modules.get("click")
+    context = click.get_current_context(silent=True) if click else None
+    return context is not None and not type(context.find_root().command).__module__.startswith("finmerge.")
 
 
 def wrap_run_merge(merge_module) -> None:
@@ -46,21 +144,32 @@ def wrap_run_merge(merge_module) -> None:
 
         if merge_config.merge_method != METHOD_NAME:
             return original(merge_config, out_path, options=options, config_source=config_source, **kwargs)
-        from finmerge.plugins.run import run_domain_instruct
+        try:
+            from finmerge.plugins.run import run_domain_instruct
 
-        return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
+            return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
+        except Exception as error:
+            message = _clean_message(error)
+            if message is None or os.environ.get("FINMERGE_DEBUG") or not _under_a_mergekit_command():
+                raise
+            import click  # mergekit-yaml is a click command: one `Error: ...` line, exit code 1
+
+            raise click.ClickException(message) from error
 
     run_merge.__finmerge_wrapped__ = original
     merge_module.run_merge = run_merge
 
 
 def install_into_loaded_mergekit(force_import: bool = False) -> None:
-    """Apply the hook's work to mergekit modules already imported (or import them if asked)."""
+    """Apply the hook's work to mergekit modules already imported (or import them if asked).
+
+    With `force_import` (finmerge's `register()`), a failure raises PluginUnavailable saying why.
+    """
     for name in _TARGETS:
         if force_import and name not in sys.modules:
             __import__(name)  # the finder below does the work while it imports
         if name in sys.modules:
-            _after_import(name)
+            _after_import(name, strict=force_import)
 
 
 class _Loader:
@@ -95,7 +204,10 @@ def _install() -> None:
         return
     if not any(isinstance(finder, _Finder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
-    install_into_loaded_mergekit()
+    try:
+        install_into_loaded_mergekit()
+    except Exception as error:  # never break interpreter start-up
+        _warn_once(error)
 
 
 _install()

@@ -15,12 +15,16 @@ from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
 from finmerge.plugins import METHOD_NAME
+from finmerge.safety.errors import InputError
+from finmerge.safety.hub import is_hub_id
+from finmerge.safety.outputs import check_output_location
 
 LOG = logging.getLogger(__name__)
 ROLES = ("domain", "instruct")
+DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """The recipe or one of its models cannot be merged as written; the message says what to do."""
 
 
@@ -110,13 +114,11 @@ def check_parameters(config: MergeConfiguration) -> None:
         for name, value in params.items():
             if name not in specs:
                 raise RecipeError(f"{where}: unknown parameter `{name}` for {METHOD_NAME} (known: {', '.join(specs)})")
-            if name == "role" and not isinstance(value, str):
-                raise RecipeError(f"{where}: `role` is one string per model ('domain' or 'instruct'), not {value!r}")
+            if name == "role":  # its value is checked by resolve_roles, which names the model
+                if not isinstance(value, str):
+                    raise RecipeError(f"{where}: `role` is one string per model ('domain' or 'instruct'), not {value!r}")
+                continue
             _check_value(specs[name], value, f"{where}: `{name}`")
-
-
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path
 
 
 def local_folder(model: ModelReference, role: str, cache_dir: Optional[str] = None) -> str:
@@ -125,7 +127,9 @@ def local_folder(model: ModelReference, role: str, cache_dir: Optional[str] = No
         return path
     if os.path.exists(path):
         raise RecipeError(f"{role} model {path} is a file; a model is a folder with config.json and weights")
-    if _looks_local(path):
+    if os.path.islink(path):
+        raise RecipeError(f"{role} model path {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+    if not is_hub_id(path):
         raise RecipeError(f"{role} model path {path} does not exist (relative paths are read from {os.getcwd()})")
     try:  # a hub id: the same download mergekit itself would do
         return model.local_path(cache_dir=cache_dir, ignore_lora=True)
@@ -139,9 +143,20 @@ def local_folder(model: ModelReference, role: str, cache_dir: Optional[str] = No
 def read_config(folder: str, role: str) -> Dict[str, Any]:
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
-        raise RecipeError(f"{role} model {folder} has no config.json")
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
+        raise RecipeError(f"{role} model {folder} has no config.json; a model folder holds config.json and "
+                          "its weights (what save_pretrained writes)")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except UnicodeDecodeError as error:
+        raise RecipeError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                          "re-save the model's config.json") from None
+    except json.JSONDecodeError as error:
+        raise RecipeError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}); "
+                          "re-save the model's config.json") from None
+    if not isinstance(config, dict):
+        raise RecipeError(f"{path} holds a JSON {type(config).__name__}, not an object of model settings; "
+                          "re-save the model's config.json")
     if not config.get("architectures"):
         raise RecipeError(
             f"{path} has no `architectures` field; mergekit cannot plan the merge without it. Add e.g. "
@@ -167,13 +182,20 @@ def weight_files(folder: str, role: str, allow_pickle: bool) -> List[str]:
 
 
 def tensor_shapes(files: List[str]) -> Dict[str, Tuple[int, ...]]:
-    from safetensors import safe_open  # header only: no tensor data is read
+    from safetensors import SafetensorError, safe_open  # header only: no tensor data is read
 
     shapes = {}
     for file in files:
-        with safe_open(file, framework="pt") as handle:
-            for name in handle.keys():
-                shapes[name] = tuple(handle.get_slice(name).get_shape())
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = tuple(handle.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as error:
+            # truncated download, a header that lies about its length, not a safetensors file at all
+            target = f" (a link to {os.path.realpath(file)})" if os.path.islink(file) else ""
+            raise RecipeError(
+                f"{file}{target} is not a readable safetensors file ({' '.join(str(error).split())}); the file is "
+                "damaged or incomplete: download or save the checkpoint again") from None
     return shapes
 
 
@@ -220,8 +242,37 @@ def _check_shapes(shapes: Dict[str, Dict[str, Tuple[int, ...]]], paths: Dict[str
                 )
 
 
-def check_output_path(out_path: str, overwrite: bool) -> None:
-    if os.path.isfile(out_path):
+def check_dtypes(config: MergeConfiguration) -> None:
+    """mergekit turns an unknown dtype into a RuntimeError mid-plan; name the field instead."""
+    for key in ("dtype", "out_dtype"):
+        value = getattr(config, key)
+        if value is not None and value.removeprefix("torch.") not in DTYPES:
+            raise RecipeError(f"`{key}: {value}` is not a dtype mergekit can use; choose one of {', '.join(DTYPES)}")
+
+
+def input_paths(config: MergeConfiguration) -> List[str]:
+    """Every local path the recipe reads: models of every role and any tokenizer source."""
+    paths = [model.model.path for model in config.referenced_models()]
+    sources = [config.tokenizer_source, config.tokenizer.source if config.tokenizer else None]
+    paths += [source.model.path for source in sources if isinstance(source, ModelReference)]
+    return paths
+
+
+def check_tokenizer_source(config: MergeConfiguration) -> None:
+    sources = [config.tokenizer_source, config.tokenizer.source if config.tokenizer else None]
+    for source in sources:
+        if isinstance(source, ModelReference) and not os.path.isdir(source.model.path) \
+                and not is_hub_id(source.model.path):
+            raise RecipeError(f"tokenizer source {source.model.path} does not exist (relative paths are read from "
+                              f"{os.getcwd()}); give the folder of the model whose tokenizer the output should use")
+
+
+def check_output_path(out_path: str, overwrite: bool, inputs: List[str] = ()) -> None:
+    """OUT is never an input (nor inside or around one), whatever --overwrite says; a user's folder only on request."""
+    check_output_location(out_path, inputs, what="output folder")
+    if os.path.islink(out_path):
+        raise RecipeError(f"output path {out_path} is a symbolic link; give the folder itself")
+    if os.path.exists(out_path) and not os.path.isdir(out_path):
         raise RecipeError(f"output path {out_path} is a file; give a folder")
     if os.path.isdir(out_path) and os.listdir(out_path) and not overwrite:
         raise RecipeError(
@@ -240,9 +291,11 @@ def preflight(
     unsafe_truncate_embeddings: bool = False,
 ) -> MergeInputs:
     """Validate a `domain_instruct` merge; return its resolved inputs or raise RecipeError."""
-    check_output_path(out_path, overwrite)
+    check_output_path(out_path, overwrite, input_paths(config))
+    check_parameters(config)  # first: a misspelt `role` key is named as such, not as a missing role
     base, roles, parameters = resolve_roles(config)
-    check_parameters(config)
+    check_dtypes(config)
+    check_tokenizer_source(config)
     models = {"base": base, **roles}
     paths = {role: local_folder(model, role, cache_dir) for role, model in models.items()}
     configs = {role: read_config(folder, role) for role, folder in paths.items()}

@@ -1,24 +1,33 @@
 """Runs a `domain_instruct` merge safely around mergekit's own `run_merge`.
 
-Checks the recipe first (preflight), lets mergekit write into a scratch folder beside OUT, turns the
-result into a working instruct model, and only then moves it to OUT. A crash or Ctrl-C at any point
-leaves OUT as it was; the scratch folder is removed (or, after a hard kill, left with a name that
-says `partial`). Other merge methods pass straight through to mergekit.
+Checks the recipe first (preflight), takes a lock beside OUT (`.OUT.lock`: one merge per OUT at a
+time), lets mergekit write into a scratch folder beside OUT (`.OUT.partial-PID`), turns the result
+into a working instruct model, and only then swaps it into place. A crash or Ctrl-C at any point
+leaves OUT as it was; the scratch folder is removed. After a hard kill a scratch folder stays; the
+next merge into the same OUT names it, and removes it when asked (`--remove-stale`,
+FINMERGE_REMOVE_STALE=1) if the process in its name is gone. Other merge methods pass straight
+through to mergekit.
 """
 
 import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
-from typing import Any, Callable, Dict, Optional
+import sys
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
 
 from finmerge.plugins.collector import collecting
+from finmerge.plugins.method import saved_dtype
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
-from finmerge.plugins.preflight import MergeInputs, preflight
+from finmerge.plugins.preflight import MergeInputs, check_output_path, input_paths, preflight
+from finmerge.safety.outputs import OutputError
 
 LOG = logging.getLogger(__name__)
 _TRUE = ("1", "true", "yes")
@@ -48,19 +57,129 @@ def _absolute_local_paths(config: MergeConfiguration) -> MergeConfiguration:
     return MergeConfiguration.model_validate(fix(config.model_dump(mode="json", exclude_defaults=True)))
 
 
-def _scratch_path(out_path: str) -> str:
+def _scratch_path(out_path: str, pid: Optional[int] = None) -> str:
     parent, name = os.path.split(os.path.abspath(out_path))
-    return os.path.join(parent, f".{name}.partial-{os.getpid()}")
+    return os.path.join(parent, f".{name}.partial-{os.getpid() if pid is None else pid}")
+
+
+def _lock_path(out_path: str) -> str:
+    parent, name = os.path.split(os.path.abspath(out_path))
+    return os.path.join(parent, f".{name}.lock")
+
+
+@contextlib.contextmanager
+def out_lock(out_path: str) -> Iterator[None]:
+    """Hold an exclusive lock on OUT for the whole merge; a second merge into it fails at once.
+
+    flock goes with the process (a killed merge holds nothing). The lock file is removed on release,
+    so after taking the lock we check it is still the file at that path (a lock on a file another
+    merge has just unlinked would guard nothing) and try again if not.
+    """
+    path = _lock_path(out_path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    while True:
+        handle = open(path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                handle.close()
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputError(
+                f"another merge (process {holder}) is writing {os.path.abspath(out_path)} now (lock {path}); "
+                "wait for it to finish, or choose another output folder") from None
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)  # while still holding the lock: see above
+        handle.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def stale_scratch(out_path: str) -> List[str]:
+    """Scratch folders of earlier merges into OUT whose process is gone (`.OUT.partial-PID[.old]`).
+
+    Only folders named exactly like ours, real folders (not links), with a PID that is not running.
+    """
+    parent, name = os.path.split(os.path.abspath(out_path))
+    pattern = re.compile(rf"\.{re.escape(name)}\.partial-(\d+)(\.old)?")
+    found = []
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = pattern.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if match and int(match.group(1)) != os.getpid() and os.path.isdir(path) and not os.path.islink(path) \
+                and not _pid_alive(int(match.group(1))):
+            found.append(path)
+    return found
+
+
+def handle_stale_scratch(out_path: str, remove: bool) -> None:
+    """Report (or, when asked, remove) what killed merges into OUT left behind.
+
+    A `.old` folder while OUT is missing is the previous OUT itself (killed between the two renames
+    of the swap): never removed, and the merge stops until the user moves it back or away.
+    """
+    stale = stale_scratch(out_path)
+    previous = [p for p in stale if p.endswith(".old")]
+    if previous and not os.path.lexists(out_path):
+        raise OutputError(
+            f"{previous[0]} holds the previous {os.path.abspath(out_path)} (a merge was killed while replacing it); "
+            f"move it back (mv {previous[0]} {os.path.abspath(out_path)}) or away, then merge again")
+    if not stale:
+        return
+    listed = ", ".join(stale)
+    if remove:
+        for path in stale:
+            shutil.rmtree(path)
+        print(f"finmerge: removed scratch folders of killed merges into {out_path}: {listed} (their processes were gone)", file=sys.stderr)
+    else:
+        print(f"finmerge warning: scratch folders of killed merges into {out_path} take up space: {listed} "
+              "(their processes are gone); remove them with `finmerge merge --remove-stale` or "
+              "FINMERGE_REMOVE_STALE=1 (mergekit-yaml)", file=sys.stderr)
 
 
 def _move_into_place(scratch: str, out_path: str) -> None:
+    """Swap the finished merge into OUT; on any failure OUT is put back as it was."""
     out_path = os.path.abspath(out_path)
     old = None
     if os.path.isdir(out_path):  # empty, or the user asked to overwrite (preflight checked)
-        old = f"{_scratch_path(out_path)}.old"
+        old = f"{scratch}.old"
         os.rename(out_path, old)
-    os.rename(scratch, out_path)
-    if old:
+    try:
+        os.rename(scratch, out_path)
+    except BaseException:
+        if old is not None:
+            try:
+                os.rename(old, out_path)
+            except BaseException as error:
+                raise OutputError(f"the merge could not be moved into {out_path} and the previous contents could "
+                                  f"not be put back: they are in {old}; move them back yourself") from error
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -80,6 +199,15 @@ def _write_diagnostics(folder: str, collector: Any, inputs: MergeInputs) -> Opti
         return None
 
 
+def _out_dtype(config: MergeConfiguration):
+    """The dtype mergekit saves in (`out_dtype:`), so the kernel can refuse values that overflow it."""
+    if not config.out_dtype:
+        return None
+    from mergekit.common import dtype_from_name
+
+    return dtype_from_name(config.out_dtype)
+
+
 def run_domain_instruct(
     original_run_merge: Callable[..., Any],
     merge_config: MergeConfiguration,
@@ -89,19 +217,35 @@ def run_domain_instruct(
     *,
     overwrite: Optional[bool] = None,
     allow_pickle: Optional[bool] = None,
+    remove_stale: Optional[bool] = None,
 ) -> None:
+    """A checked, locked, all-or-nothing `domain_instruct` merge into `out_path`.
+
+    Flags left as None come from FINMERGE_OVERWRITE, FINMERGE_ALLOW_PICKLE and FINMERGE_REMOVE_STALE
+    (how plain `mergekit-yaml` users set them).
+    """
     overwrite = _env_flag("FINMERGE_OVERWRITE") if overwrite is None else overwrite
     allow_pickle = _env_flag("FINMERGE_ALLOW_PICKLE") if allow_pickle is None else allow_pickle
+    remove_stale = _env_flag("FINMERGE_REMOVE_STALE") if remove_stale is None else remove_stale
     merge_config = _absolute_local_paths(merge_config)
     inputs = preflight(
         merge_config, out_path,
         overwrite=overwrite, allow_pickle=allow_pickle, cache_dir=options.transformers_cache,
         unsafe_truncate_embeddings=options.unsafe_truncate_embeddings,
     )
+    with out_lock(out_path):
+        check_output_path(out_path, overwrite, input_paths(merge_config))  # again: another merge may have just finished
+        handle_stale_scratch(out_path, remove_stale)
+        _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs)
+
+
+def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: MergeConfiguration, out_path: str,
+                      options: Any, config_source: Optional[str], inputs: MergeInputs) -> None:
     config_source = config_source or merge_config.to_yaml()
     scratch = _scratch_path(out_path)
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)  # ours (this PID), from an earlier merge in this process
     os.makedirs(scratch)
+    report = None
     collector = None
     if not _env_flag("FINMERGE_NO_DIAGNOSTICS"):
         from finmerge.plugins.diagnostics import StatsCollector
@@ -110,7 +254,7 @@ def run_domain_instruct(
         collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
         preload_in_background()
     try:
-        with collecting(collector) if collector else contextlib.nullcontext():
+        with collecting(collector) if collector else contextlib.nullcontext(), saved_dtype(_out_dtype(merge_config)):
             original_run_merge(merge_config, scratch, options=options, config_source=config_source)
         ids = finish_instruct_output(scratch, inputs, merge_config, trust_remote_code=options.trust_remote_code)
         report = _write_diagnostics(scratch, collector, inputs) if collector else None

@@ -62,3 +62,63 @@ def test_every_subcommand_loads_and_help_imports_no_torch():
     out = _python("import sys\nfrom click.testing import CliRunner\nfrom finmerge.cli.main import cli\n"
                   "r = CliRunner().invoke(cli, ['--help'])\nprint(r.exit_code, 'torch' in sys.modules, all(n in r.output for n in %r))" % list(COMMANDS))
     assert out == "0 False True"
+
+
+def _fake_mergekit(root, version=None, merge_module="def run_merge(*args, **kwargs):\n    return 'merged'\n"):
+    """A mergekit that finmerge cannot hook: merge_methods has no InputContract/PerNonBase."""
+    package = root / "mergekit"
+    (package / "merge_methods").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "merge_methods" / "__init__.py").write_text("def registered_methods():\n    return []\n")
+    (package / "merge_methods" / "base.py").write_text("class MergeMethod:\n    pass\n\n\nclass BasePolicy:\n    pass\n")
+    (package / "merge.py").write_text(merge_module)
+    if version:
+        info = root / f"mergekit-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: mergekit\nVersion: {version}\n")
+    return str(root)
+
+
+def _run_with(path, code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path, **env})
+
+
+def test_incompatible_mergekit_keeps_working_with_one_warning(tmp_path):
+    from importlib.metadata import version
+
+    code = ("import mergekit.merge_methods, mergekit.merge\n"
+            "print(mergekit.merge.run_merge(), mergekit.merge_methods.registered_methods())")
+    result = _run_with(_fake_mergekit(tmp_path), code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "merged []"
+    warnings = [line for line in result.stderr.splitlines() if "finmerge" in line]
+    assert len(warnings) == 1, result.stderr
+    assert f"mergekit {version('mergekit')}" in warnings[0] and "InputContract" in warnings[0]
+    assert "domain_instruct is not available" in warnings[0] and "Traceback" not in result.stderr
+
+
+def test_unsupported_mergekit_version_is_named_with_the_supported_range(tmp_path):
+    code = "import mergekit.merge_methods, mergekit.merge\nprint(mergekit.merge.run_merge())"
+    result = _run_with(_fake_mergekit(tmp_path, version="0.3.0"), code)
+    assert result.returncode == 0 and result.stdout.strip() == "merged", result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "finmerge" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "mergekit 0.3.0" in warnings[0] and "supported: mergekit>=0.1.5,<0.2" in warnings[0]
+
+
+def test_failure_to_wrap_run_merge_is_a_warning(tmp_path):
+    """A mergekit.merge without run_merge: importing it still works, one warning says why."""
+    code = "import mergekit.merge as m\nprint(m.X)"
+    root = _fake_mergekit(tmp_path, merge_module="X = 42\n")
+    result = _run_with(root, code)
+    assert result.returncode == 0 and result.stdout.strip() == "42", result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "finmerge" in line]
+    assert len(warnings) == 1 and "run_merge" in warnings[0], result.stderr
+
+
+def test_register_says_why_domain_instruct_is_unavailable(tmp_path):
+    code = "import finmerge.plugins as p\ntry:\n    p.register()\nexcept RuntimeError as e:\n    print('refused:', e)"
+    result = _run_with(_fake_mergekit(tmp_path), code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused:") and "InputContract" in result.stdout

@@ -250,3 +250,24 @@ def test_instruct_rows_through_a_real_merge(tiny_family, tmp_path):
             expected[rows] = instruct[name][rows]  # base + 1·τ_i
             assert not torch.allclose(summed[name][rows], instruct[name][rows], atol=1e-6)
         assert torch.allclose(merged[name], expected, atol=1e-6, rtol=0), name
+
+
+def test_overflow_at_a_recipes_out_dtype_stops_the_merge(tiny_family, tmp_path):
+    """fp32 inputs, `out_dtype: float16`: mergekit would cast 80000 to Inf after the kernel returned."""
+    from merge_helpers import copy_model, run_merge
+
+    name = "model.norm.weight"
+
+    def big(state):
+        state[name] = torch.full_like(state[name], 40000.0)
+
+    domain = copy_model(tiny_family.domain, tmp_path / "domain", edit_tensors=big)
+    instruct = copy_model(tiny_family.instruct, tmp_path / "instruct", edit_tensors=big)
+    recipe = {
+        "merge_method": "domain_instruct", "base_model": tiny_family.base, "dtype": "float32", "out_dtype": "float16",
+        "models": [{"model": domain, "parameters": {"role": "domain"}}, {"model": instruct, "parameters": {"role": "instruct"}}],
+    }
+    with pytest.raises(method_module.OverflowTensorError, match=name):
+        run_merge(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    run_merge({**recipe, "out_dtype": "float32"}, tmp_path / "out32")  # fits: merged normally
