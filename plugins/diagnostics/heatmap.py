@@ -12,6 +12,7 @@ from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.render import layer_label
 
 LOG = logging.getLogger(__name__)
+LABELLED_CELLS = 80
 MISSING = "matplotlib is not installed (pip install 'finmerge[plots]')"
 
 
@@ -64,13 +65,16 @@ def draw_heatmap(agg: Aggregates, path: str) -> Optional[str]:
     axes.set_xlabel("module type")
     axes.set_ylabel("layer")
     axes.set_title("cos(τ_d, τ_i) per layer and module type\n(grey: undefined or absent)", fontsize=10)
-    if len(rows) <= 48:  # numbers stay legible
+    # Numbers in the cells only for small grids: text is most of the drawing time (diagnostics.md
+    # has every number), and each merge of a real model pays for it.
+    if len(rows) * len(columns) <= LABELLED_CELLS:
         for y, line in enumerate(grid):
             for x, v in enumerate(line):
                 if v is not None:
                     axes.text(x, y, f"{v:+.2f}", ha="center", va="center", fontsize=6)
-    figure.colorbar(image, ax=axes, label="cosine")
-    figure.tight_layout()
+    figure.colorbar(image, ax=axes, label="cosine", fraction=0.05, pad=0.03)
+    # fixed margins instead of tight_layout(), which lays the figure out twice
+    figure.subplots_adjust(left=0.15, right=0.86, bottom=1.0 / figure.get_figheight(), top=1 - 0.7 / figure.get_figheight())
     figure.savefig(path)
     return None
 
