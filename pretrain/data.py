@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Iterable, Iterator, List, Tuple
+from typing import Dict, Iterable, Iterator, List
 
 from .cleaning import CleanDocument, Cleaner, holdout_fraction
 from .config import PretrainError
