@@ -19,8 +19,8 @@ from .config import PretrainError
 from .corpus_report import SourceReport
 from .sources import Source
 
-PIECE_BYTES = 1 << 20  # bytes read from a file at a time
-PIECE_CHARS = 1 << 20  # characters handed on at a time from a string value
+PIECE_BYTES = 1 << 18  # bytes read from a file at a time (the tokenizer sees chunks of about this size)
+PIECE_CHARS = 1 << 18  # characters handed on at a time from a string value
 AUTO_PARAGRAPH_BYTES = 8 << 20  # txt_document=auto: larger .txt files are read one paragraph per document
 PARQUET_BATCH_ROWS = 64  # rows per parquet batch: a batch holds whole values, so keep it small
 
