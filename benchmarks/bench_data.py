@@ -76,7 +76,10 @@ def corpus_config(**overrides) -> SimpleNamespace:
 
 def use_tree(tree: str) -> None:
     """Import finmerge.* from the checkout `tree` instead of the installed package."""
+    import atexit
+
     root = tempfile.mkdtemp(prefix="bench-tree-")
+    atexit.register(shutil.rmtree, root, True)
     os.makedirs(os.path.join(root, "finmerge"))
     for name in PACKAGES:
         if os.path.isdir(os.path.join(tree, name)):
@@ -99,10 +102,14 @@ def child(args) -> None:
         config = corpus_config(seq_len=args.seq_len, txt_document=args.txt_document, data=[args.path])
         out = tempfile.mkdtemp(prefix="bench-blocks-")
         started = time.perf_counter()
-        report = build_blocks(config, tokenizer, resolve_sources([args.path]), [], out)
-        result = {"seconds": time.perf_counter() - started, "train_blocks": report["blocks"]["train"],
-                  "eval_blocks": report["blocks"]["eval"], "documents_kept": report["domain"]["documents_kept"]}
-        shutil.rmtree(out)
+        try:
+            report = build_blocks(config, tokenizer, resolve_sources([args.path]), [], out)
+            result = {"seconds": time.perf_counter() - started, "train_blocks": report["blocks"]["train"],
+                      "eval_blocks": report["blocks"]["eval"], "documents_kept": report["domain"]["documents_kept"]}
+        except Exception as error:  # e.g. the only document was held out: say so, with the time it took
+            result = {"seconds": time.perf_counter() - started, "error": " ".join(str(error).split())[:300]}
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
     else:
         import finmerge.pretrain.corpus as corpus
 
