@@ -1,7 +1,11 @@
 """Continual pretraining of the base on domain text: the `domain` checkpoint of a recipe.
 
     config.py         PretrainConfig (a TrainingArguments subclass): every setting and its help; build_config
-    corpus.py         sources (.txt/.jsonl/.parquet, datasets), cleaning, exact and MinHash near-dedup
+    sources.py        where the corpus comes from (.txt/.jsonl/.parquet, datasets) and its identity
+    readers.py        streamed reading, bounded pieces however long a document
+    cleaning.py       normalization + exact dedup (streamed)
+    dedup.py          near-duplicates: datasketch MinHash + MinHashLSH
+    corpus.py         the corpus entry points (resolve_sources, source_identity) in one import
     packing.py        tokenize + EOS, fixed-length blocks, collator, document-isolation check
     data.py           the streaming pass corpus -> packed Arrow blocks + data report
     base_model.py     the base: local files, identity by content, dtype, checks

@@ -35,7 +35,7 @@ class PretrainError(InputError):
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-TXT_UNITS = ("file", "paragraph", "line")
+TXT_UNITS = ("auto", "file", "paragraph", "line")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Keys accepted as another spelling of a field (YAML, overrides and `--output` on the command line).
@@ -81,9 +81,10 @@ class PretrainConfig(TrainingArguments):
                 "not a local path means the same). Required."})
     text_field: str = field(default="text", metadata={
         "help": "Field/column holding the text in .jsonl, .parquet and datasets sources."})
-    txt_document: str = field(default="file", metadata={
+    txt_document: str = field(default="auto", metadata={
         "choices": TXT_UNITS,
-        "help": "What one document is in a .txt file: `file` (the whole file), `paragraph` (blank-line separated) "
+        "help": "What one document is in a .txt file: `auto` (the whole file, but one paragraph per document for "
+                "files over 8 MiB, announced on stderr), `file` (the whole file), `paragraph` (blank-line separated) "
                 "or `line`."})
     dataset_config: Optional[str] = field(default=None, metadata={
         "help": "Configuration name for datasets.load_dataset sources."})

@@ -8,7 +8,7 @@ carry no padding and are trained with an ordinary causal mask (attention_mask=No
 
 Why not TRL's default packing: TRL's `bfd` strategy makes padding-free rows and relies on the
 attention backend to separate documents; without FlashAttention (CPU, sdpa, eager) a document then
-silently attends to the previous one (shared/notes/toolchain.md). Here the choice is explicit: plain
+silently attends to the previous one. Here the choice is explicit: plain
 causal blocks (the GPT-style standard), or with `document_isolation` position_ids that restart after
 each EOS, which transformers turns into a block-diagonal mask for sdpa/eager/flash alike, verified
 on the actual model before training (`check_isolation`).
@@ -17,37 +17,129 @@ on the actual model before training (`check_isolation`).
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, List, Optional, Tuple
+import sys
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 from .config import PretrainError
 
+Chunks = Iterator[List[int]]  # a document's token ids, in pieces; the last one ends with EOS
 
-def tokenize_documents(texts: Iterable[str], tokenizer, batch_size: int = 256) -> Iterator[List[int]]:
-    """Token ids of each text, in order, each ending with exactly one EOS."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise PretrainError("the tokenizer has no eos_token: documents could not be separated in packed blocks.")
-    batch: List[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == batch_size:
-            yield from _encode(batch, tokenizer, eos)
-            batch = []
-    if batch:
-        yield from _encode(batch, tokenizer, eos)
+# Text with every kind of safe cut (see cleaning.safe_chunks): chunked tokenization must reproduce its
+# whole-text tokenization on this tokenizer before long documents are tokenized in chunks.
+PROBE_TEXT = ("Aurora Bank (ARB) reported revenue of 1,234.5 million yen.\nNet profit rose 12%; the "
+              "dividend is 35 yen.\n\nOutlook: 日本銀行の政策金利は0.5%です。 Risks remain\n  indented line "
+              "and\ttabs.\nEnd.")
 
 
-def _encode(batch: List[str], tokenizer, eos: int) -> Iterator[List[int]]:
-    encoded = tokenizer(batch, add_special_tokens=True, split_special_tokens=True, verbose=False)["input_ids"]
-    for ids in encoded:
-        ids = list(ids)
-        if not ids or ids[-1] != eos:
-            ids.append(eos)
-        yield ids
+class DocumentTokenizer:
+    """Token ids of documents, each with the tokenizer's usual special tokens and ending with exactly one EOS.
+
+    Short documents are tokenized in batches, long ones (CleanDocument.long) chunk by chunk on safe cuts,
+    with the special tokens of a whole-text call added around the chunks. Whether chunking is exact for
+    this tokenizer is checked once on PROBE_TEXT; if it is not, long documents are tokenized whole.
+    """
+
+    def __init__(self, tokenizer, batch_size: int = 256, chunk_chars: Optional[int] = None):
+        from .cleaning import CHUNK_CHARS
+
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.chunk_chars = chunk_chars or CHUNK_CHARS
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise PretrainError("the tokenizer has no eos_token: documents could not be separated in packed blocks.")
+        self.prefix, self.suffix = self._special_tokens()
+        self.chunked = self.prefix is not None and self._chunking_is_exact()
+        self.warned = False
+
+    def _ids(self, texts: List[str], special: bool) -> List[List[int]]:
+        return self.tokenizer(texts, add_special_tokens=special, split_special_tokens=True, verbose=False)["input_ids"]
+
+    def encode(self, texts: List[str]) -> List[List[int]]:
+        """Whole-text tokenization of each text (with special tokens) + EOS."""
+        encoded = []
+        for ids in self._ids(texts, True):
+            ids = list(ids)
+            if not ids or ids[-1] != self.eos:
+                ids.append(self.eos)
+            encoded.append(ids)
+        return encoded
+
+    def _special_tokens(self) -> Tuple[Optional[List[int]], Optional[List[int]]]:
+        """The ids a whole-text call puts before and after the text's own ids (e.g. [BOS], [])."""
+        with_special, plain = (list(ids) for ids in (self._ids(["Probe text."], True)[0], self._ids(["Probe text."], False)[0]))
+        for start in range(len(with_special) - len(plain) + 1):
+            if with_special[start:start + len(plain)] == plain:
+                return with_special[:start], with_special[start + len(plain):]
+        return None, None
+
+    def _chunking_is_exact(self) -> bool:
+        from .cleaning import safe_chunks
+
+        whole = self.encode([PROBE_TEXT])[0]
+        chunked = [i for ids in self.encode_chunks(c for c, _ in safe_chunks([PROBE_TEXT], size=8)) for i in ids]
+        return whole == chunked
+
+    def encode_chunks(self, chunks: Iterable[str]) -> Chunks:
+        """Ids of a text given as chunks that end on safe cuts: prefix, each chunk's ids, suffix, EOS."""
+        pending = list(self.prefix)
+        for text in chunks:
+            ids = pending + list(self._ids([text], False)[0])
+            if ids:
+                yield ids
+            pending = []
+        tail = list(self.suffix)
+        if not tail or tail[-1] != self.eos:
+            tail.append(self.eos)
+        yield pending + tail
+
+    def documents(self, documents: Iterable) -> Iterator[Tuple[object, Chunks]]:
+        """(document, its ids in chunks) for texts or CleanDocuments, in order. Consume each document's
+        chunks before asking for the next document."""
+        batch: List[object] = []
+        for document in documents:
+            if getattr(document, "long", False):
+                yield from self._flush(batch)
+                batch = []
+                yield document, self._long(document)
+                continue
+            batch.append(document)
+            if len(batch) == self.batch_size:
+                yield from self._flush(batch)
+                batch = []
+        yield from self._flush(batch)
+
+    def _flush(self, batch: List[object]) -> Iterator[Tuple[object, Chunks]]:
+        if not batch:
+            return
+        texts = [d if isinstance(d, str) else d.text() for d in batch]
+        for document, ids in zip(batch, self.encode(texts)):
+            yield document, iter([ids])
+
+    def _long(self, document) -> Chunks:
+        from .cleaning import safe_chunks
+
+        if self.chunked:
+            yield from self.encode_chunks(c for c, _ in safe_chunks(document.pieces(), self.chunk_chars))
+            return
+        if not self.warned:
+            self.warned = True
+            print(f"{document.where}: this tokenizer does not tokenize text in pieces exactly as whole, so long "
+                  f"documents are tokenized whole (memory grows with the document).", file=sys.stderr)
+        yield self.encode(["".join(document.pieces())])[0]
+
+
+def tokenize_documents(texts: Iterable[Union[str, object]], tokenizer, batch_size: int = 256) -> Iterator[List[int]]:
+    """Token ids of each text (or CleanDocument), in order, each ending with exactly one EOS."""
+    for _, chunks in DocumentTokenizer(tokenizer, batch_size).documents(texts):
+        yield [i for ids in chunks for i in ids]
 
 
 class Packer:
-    """Concatenate token lists and emit full blocks of `seq_len`; `tail` holds what is left over."""
+    """Concatenate token lists and emit full blocks of `seq_len`; `tail` holds what is left over.
+
+    Blocks are cut at an offset into the buffer, and the consumed part is dropped once per `add`, so
+    every token is copied a bounded number of times: linear in the corpus."""
 
     def __init__(self, seq_len: int):
         self.seq_len = seq_len
@@ -57,9 +149,13 @@ class Packer:
     def add(self, ids: List[int]) -> Iterator[List[int]]:
         self.tokens_in += len(ids)
         self.buffer.extend(ids)
-        while len(self.buffer) >= self.seq_len:
-            block, self.buffer = self.buffer[:self.seq_len], self.buffer[self.seq_len:]
-            yield block
+        start, end = 0, len(self.buffer)
+        try:
+            while end - start >= self.seq_len:
+                yield self.buffer[start:start + self.seq_len]
+                start += self.seq_len
+        finally:
+            del self.buffer[:start]
 
     @property
     def tail(self) -> int:

@@ -2,25 +2,59 @@
 
 import os
 import random
+import re
+import tracemalloc
+import unicodedata
+from types import SimpleNamespace
 
 import pytest
 
-from finmerge.pretrain.config import PretrainConfig, PretrainError
-from finmerge.pretrain.corpus import (Cleaner, NearDuplicateIndex, SourceReport, holdout_fraction, jaccard, lsh_bands,
-                                      normalize, read_source, resolve_sources, shingles, text_digest)
+from finmerge.pretrain import cleaning, readers
+from finmerge.pretrain.config import PretrainError
+from finmerge.pretrain.corpus import (Cleaner, NearDuplicateIndex, SourceReport, StreamNormalizer, holdout_fraction,
+                                      lsh_bands, normalize, read_source, resolve_sources, safe_chunks, text_digest)
 from finmerge.pretrain.data import interleave_replay
+
+# The corpus settings the data pipeline reads (the attribute names of the pretrain config), with its defaults.
+CORPUS_DEFAULTS = dict(data=["x"], text_field="text", txt_document="file", dataset_config=None, dataset_split="train",
+                       streaming=False, nfkc=False, normalize_whitespace=True, min_chars=20, dedup=True,
+                       near_dedup=True, near_dedup_threshold=0.85, shingle_chars=5, eval_fraction=0.02,
+                       max_eval_blocks=256, seq_len=2048, document_isolation=False, replay_data=[], replay_ratio=0.0)
 
 
 def _config(**overrides):
-    values = dict(model="m", output="o", data=["x"])
-    values.update(overrides)
-    return PretrainConfig(**values).validate()
+    return SimpleNamespace(**{**CORPUS_DEFAULTS, **overrides})
+
+
+def _texts(documents, report):
+    """(text, where) of each document read whole, its error counted as the Cleaner counts it."""
+    out = []
+    for document in documents:
+        text = "".join(document.pieces)
+        if document.error is not None:
+            report.drop(*document.error)
+        else:
+            out.append((text, document.where))
+    return out
 
 
 def _read_all(paths, **overrides):
     config, report = _config(**overrides), SourceReport()
-    texts = [(t, w) for s in resolve_sources(paths) for t, w in read_source(s, config, report)]
+    texts = _texts((d for s in resolve_sources(paths) for d in read_source(s, config, report)), report)
     return texts, report
+
+
+def shingles(text: str, size: int) -> set:
+    """Oracle: the set of character shingles (the whole text when it is shorter than one)."""
+    if len(text) <= size:
+        return {text}
+    return {text[i:i + size] for i in range(len(text) - size + 1)}
+
+
+def jaccard(a: str, b: str, size: int) -> float:
+    """Exact Jaccard similarity of two texts' character shingle sets (the quantity MinHash estimates)."""
+    sa, sb = shingles(a, size), shingles(b, size)
+    return len(sa & sb) / len(sa | sb)
 
 
 def _write_bytes(path, data: bytes):
@@ -125,18 +159,25 @@ def test_normalize():
     assert normalize("  a \t b  \r\n\r\n\r\n\r\nc   \n", nfkc=False, whitespace=True) == "a b\n\nc"
 
 
+def _documents(texts, prefix=""):
+    for i, text in enumerate(texts):
+        document = readers.Document(f"{prefix}{i}")
+        document.pieces = iter([text])
+        yield document
+
+
 def test_cleaner_counts_each_reason():
     docs = ["short", "a long enough document about bonds", "a long enough document about bonds",
             "a  long enough   document about bonds", "another long document, quite different text"]
     report = SourceReport()
-    kept = list(Cleaner(_config(min_chars=10, near_dedup=False), report)(((d, f"doc{i}") for i, d in enumerate(docs))))
-    assert [t for t, _ in kept] == [docs[1], docs[4]]
+    kept = list(Cleaner(_config(min_chars=10, near_dedup=False), report)(_documents(docs, "doc")))
+    assert [d.text() for d in kept] == [docs[1], docs[4]]
     # whitespace normalization makes doc3 an exact duplicate of doc1
     assert report.dropped == {"too_short": 1, "exact_duplicate": 2}
     assert report.examples["exact_duplicate"] == ["doc2", "doc3"] and report.kept == 2
     report2 = SourceReport()
     kept2 = list(Cleaner(_config(min_chars=10, dedup=False, near_dedup=False, normalize_whitespace=False),
-                         report2)(((d, str(i)) for i, d in enumerate(docs))))
+                         report2)(_documents(docs)))
     assert len(kept2) == 4 and report2.dropped == {"too_short": 1}
 
 
@@ -163,6 +204,11 @@ def test_minhash_estimates_jaccard():
         b = _mutate(a, rng, fraction)
         exact = jaccard(a, b, 5)
         estimate = index.similarity(index.signature(a), index.signature(b))
+        # fed in pieces of 7 characters, a document has the same signature as read whole
+        sketch = index.sketch()
+        for start in range(0, len(b), 7):
+            sketch.update(b[start:start + 7])
+        assert (sketch.finish().hashvalues == index.signature(b).hashvalues).all()
         errors.append(abs(exact - estimate))
     # 128 permutations: standard error <= 0.045; allow 3 sigma
     assert max(errors) < 0.135, errors
@@ -176,7 +222,7 @@ def test_near_duplicates_removed_distinct_documents_kept():
     far = [_mutate(a, rng, 0.5) for a in originals[10:20]]  # J far below 0.85
     report = SourceReport()
     config = _config(near_dedup_threshold=0.85, min_chars=1)
-    kept = [t for t, _ in Cleaner(config, report)(((d, str(i)) for i, d in enumerate(originals + near + far)))]
+    kept = [d.text() for d in Cleaner(config, report)(_documents(originals + near + far))]
     # oracle: exact Jaccard against every earlier kept document
     for text in near:
         assert max(jaccard(text, o, 5) for o in originals) >= 0.9
@@ -210,7 +256,7 @@ def test_replay_interleave_hits_the_token_ratio():
     domain = [[1] * rng.randint(5, 50) for _ in range(500)]
     replay = [[2] * rng.randint(5, 50) for _ in range(2000)]
     counts = {"domain": 0, "replay": 0, "replay_documents": 0}
-    mixed = list(interleave_replay(iter(domain), iter(replay), 0.25, counts))
+    mixed = list(interleave_replay((iter([d]) for d in domain), (iter([r]) for r in replay), 0.25, counts))
     ones, twos = sum(d.count(1) for d in mixed), sum(d.count(2) for d in mixed)
     assert ones == sum(map(len, domain)) and twos == counts["replay"]
     assert abs(twos / (ones + twos) - 0.25) < 0.01
@@ -219,5 +265,126 @@ def test_replay_interleave_hits_the_token_ratio():
     assert 0.15 < sum(d.count(2) for d in first_half) / sum(map(len, first_half)) < 0.35
     # a short replay corpus runs out: everything it has is used, the domain is untouched
     counts = {"domain": 0, "replay": 0, "replay_documents": 0}
-    mixed = list(interleave_replay(iter(domain), iter(replay[:3]), 0.5, counts))
+    mixed = list(interleave_replay((iter([d]) for d in domain), (iter([r]) for r in replay[:3]), 0.5, counts))
     assert counts["replay_documents"] == 3 and len(mixed) == 503
+
+
+def test_a_long_document_in_chunks_keeps_its_place_in_the_replay_mix():
+    counts = {"domain": 0, "replay": 0, "replay_documents": 0}
+    long_document = iter([[1] * 100, [1] * 100, [1] * 100])  # one document in three chunks
+    mixed = list(interleave_replay(iter([long_document, iter([[1] * 10])]), (iter([[2] * 50]) for _ in range(100)),
+                                   0.5, counts))
+    # replay goes only between documents: the three chunks stay together
+    assert mixed[:4] == [[2] * 50, [2] * 50, [1] * 100, [1] * 100] and mixed[4] == [1] * 100
+    assert counts["domain"] == 310 and counts["replay"] >= 310  # topped up at the end
+
+
+# --- streaming: long documents are cut on safe places and give exactly the whole-text result ---------------
+
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def _normalize_whole(text, nfkc, whitespace):
+    """Oracle: the whole-text normalization (NFKC, then per-line whitespace cleanup, then blank-line cap)."""
+    if nfkc:
+        text = unicodedata.normalize("NFKC", text)
+    if whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+        text = _BLANKS.sub("\n\n", text).strip()
+    return text
+
+
+def test_streaming_normalization_equals_whole_text_normalization():
+    rng = random.Random(0)
+    # combining marks, half-width kana + voiced mark, full-width forms, every kind of space and line end
+    alphabet = ["a", "b", "Ａ", "１", "\u3000", " ", " ", "\t", "\n", "\n", "\r\n", "\r", "e\u0301", "\u0301",
+                "ｶ", "ﾞ", "日", "。", "x", "\u00a8"]
+    for _ in range(1500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        pieces = [text[i:i + 3] for i in range(0, len(text), 3)]
+        size = rng.randint(1, 12)
+        chunks = list(safe_chunks(pieces, size))
+        assert "".join(c for c, _ in chunks) == text and all(last == (i == len(chunks) - 1) for i, (_, last) in enumerate(chunks))
+        for nfkc in (False, True):
+            for whitespace in (False, True):
+                normalizer = StreamNormalizer(nfkc, whitespace)
+                streamed = "".join(normalizer.feed(chunk, last) for chunk, last in chunks)
+                assert streamed == _normalize_whole(text, nfkc, whitespace), (text, size)
+    assert normalize("ＡＢＣ  x\n\n\n\ny ", nfkc=True, whitespace=True) == "ABC x\n\ny"
+
+
+def _long_report(path, paragraphs, rng):
+    vocabulary = ["bank", "yield", "bond", "coupon", "equity", "revenue", "rate", "price", "円", "株式", "利回り"]
+    with open(path, "w", encoding="utf-8") as handle:
+        for _ in range(paragraphs):
+            line = " ".join(rng.choice(vocabulary) + str(rng.randint(0, 9999)) for _ in range(rng.randint(5, 60)))
+            handle.write(("  " if rng.random() < 0.2 else "") + line + ("\n\n\n" if rng.random() < 0.3 else "\n"))
+
+
+def test_a_multi_megabyte_document_streams_in_bounded_memory(tmp_path, monkeypatch):
+    """A 2.7 MB .txt read as one document: the cleaned text and digest equal the whole-text ones, while
+    Python's peak allocation stays far below the document (the cleaned text waits in a temporary file)."""
+    monkeypatch.setattr(readers, "PIECE_BYTES", 1 << 16)
+    monkeypatch.setattr(cleaning, "CHUNK_CHARS", 1 << 15)
+    monkeypatch.setattr(cleaning, "SPOOL_CHARS", 1 << 18)
+    peaks = {}
+    for paragraphs in (4000, 8000):  # about 1.3 MB and 2.7 MB
+        path = str(tmp_path / f"report{paragraphs}.txt")
+        _long_report(path, paragraphs, random.Random(2))
+        size = os.path.getsize(path)
+        config, report = _config(txt_document="file", near_dedup=False), SourceReport()
+        tracemalloc.start()
+        kept = list(Cleaner(config, report)(read_source(resolve_sources([path])[0], config, report)))
+        peaks[size] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    (small, small_peak), (large, large_peak) = sorted(peaks.items())
+    # twice the text, the same peak (pieces, chunks and the in-memory part of the spool are bounded)
+    assert large > 1.9 * small and large_peak < 1.2 * small_peak + 100_000 and large_peak < large, peaks
+    assert len(kept) == 1 and kept[0].spool.file is not None  # spilled to disk, not held
+    with open(path, encoding="utf-8") as handle:
+        whole = _normalize_whole(handle.read(), False, True)
+    assert kept[0].digest == text_digest(whole) and kept[0].chars == len(whole)
+    assert "".join(kept[0].pieces()) == whole
+
+
+def test_a_streamed_long_document_has_its_whole_text_signature(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "PIECE_BYTES", 1 << 12)
+    monkeypatch.setattr(cleaning, "CHUNK_CHARS", 1 << 11)
+    path = str(tmp_path / "report.txt")
+    _long_report(path, 1500, random.Random(3))
+    with open(path, encoding="utf-8") as handle:
+        whole = _normalize_whole(handle.read(), False, True)
+    index = NearDuplicateIndex(0.85, 5)
+    # exact dedup off: the second read is then caught as a near-duplicate of the first
+    config = _config(dedup=False)
+    cleaner = Cleaner(config, SourceReport())
+    assert len(list(cleaner(read_source(resolve_sources([path])[0], config, SourceReport())))) == 1
+    assert (cleaner.near.signatures[0] == index.signature(whole).hashvalues).all()
+    assert list(cleaner(read_source(resolve_sources([path])[0], config, SourceReport()))) == []
+    assert cleaner.report.dropped == {"near_duplicate": 1}
+
+
+def test_txt_auto_reads_large_files_by_paragraph(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(readers, "AUTO_PARAGRAPH_BYTES", 100)
+    small = _write_bytes(tmp_path / "c" / "a.txt", b"one small file\n\nof two paragraphs\n")
+    large = _write_bytes(tmp_path / "c" / "b.txt", b"para one " * 10 + b"\n\n" + b"para two " * 10 + b"\n")
+    texts, report = _read_all([str(tmp_path / "c")], txt_document="auto")
+    assert [w for _, w in texts] == [small, large + ":1", large + ":3"]
+    assert report.txt_units == {"file": 1, "paragraph": 1}
+    assert "b.txt: 0.0 MB, read as one document per paragraph (txt_document=auto" in capsys.readouterr().err
+    _read_all([large], txt_document="file")
+    assert "read as ONE document (txt_document=file)" in capsys.readouterr().err
+
+
+def test_long_lines_are_read_in_pieces_and_bad_bytes_found_late(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "PIECE_BYTES", 64)
+    line = ("wörd " * 300).encode()  # 1800 bytes, a 2-byte character across many piece borders
+    path = _write_bytes(tmp_path / "l.txt", line + b"\n" + line[:-3] + b"\xff end\n\n" + line + b"\n")
+    for unit, want in (("line", [(1, True), (2, False), (4, True)]), ("paragraph", [(1, False), (4, True)])):
+        texts, report = _read_all([path], txt_document=unit)
+        assert [w.rsplit(":", 1)[1] for _, w in texts] == [str(n) for n, ok in want if ok]
+        assert all(t == line.decode() + "\n" for t, _ in texts)
+        offset = len(line) - 3 if unit == "line" else 2 * len(line) - 2
+        assert report.dropped == {"non_utf8": 1} and report.examples["non_utf8"] == [f"{path}:{[n for n, ok in want if not ok][0]} (byte {offset})"]

@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 import torch
 
+from finmerge.pretrain import cleaning, readers
+from finmerge.pretrain.cleaning import safe_chunks
 from finmerge.pretrain.config import PretrainConfig
-from finmerge.pretrain.packing import (BlockCollator, BlockWriter, check_isolation, document_position_ids, load_blocks,
-                                       pack, tokenize_documents)
+from finmerge.pretrain.corpus import resolve_sources
+from finmerge.pretrain.data import build_blocks
+from finmerge.pretrain.packing import (BlockCollator, BlockWriter, DocumentTokenizer, Packer, check_isolation,
+                                       document_position_ids, load_blocks, pack, tokenize_documents)
 from pretrain_fixtures import finance_documents, write_jsonl
+from test_pretrain_corpus import _config, _normalize_whole
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +38,7 @@ def test_each_document_ends_with_one_eos_and_text_cannot_forge_one(tokenizer):
     eos = tokenizer.eos_token_id
     texts = ["The ticker of Aurora Bank is ARB.", "forged <|endoftext|> inside", "x" * 700]
     encoded = list(tokenize_documents(texts, tokenizer, batch_size=2))
+    assert encoded == DocumentTokenizer(tokenizer).encode(texts)
     assert len(encoded) == 3
     for text, ids in zip(texts, encoded):
         assert ids[-1] == eos and ids.count(eos) == 1
@@ -47,6 +53,46 @@ def test_pack_is_concatenate_and_chunk(tokenizer):
     count = len(flat) // 64
     assert np.array_equal(np.array(blocks), flat[: count * 64].reshape(count, 64))
     assert tail == len(flat) - count * 64
+    # the same documents handed over in random pieces (how long documents arrive) give the same blocks
+    packer, pieces = Packer(64), []
+    for document in documents:
+        cuts = sorted(set(rng.sample(range(1, len(document) + 1), min(3, len(document)))) | {len(document)})
+        pieces += [document[a:b] for a, b in zip([0] + cuts, cuts) if b > a]
+    assert [b for piece in pieces for b in packer.add(piece)] == blocks and packer.tail == tail
+
+
+def test_chunked_tokenization_equals_whole_text_tokenization(tokenizer):
+    encoder = DocumentTokenizer(tokenizer)
+    assert encoder.chunked  # the probe found chunking exact for this byte-level BPE
+    rng = random.Random(4)
+    for text in finance_documents(20, seed=5):
+        text = "\n".join(text for _ in range(rng.randint(1, 6))) + " tail  words\n\nend"
+        whole = encoder.encode([text])[0]
+        for size in (1, 7, 40):
+            chunked = [i for ids in encoder.encode_chunks(c for c, _ in safe_chunks([text], size)) for i in ids]
+            assert chunked == whole
+
+
+def test_a_long_document_is_packed_in_chunks_exactly_as_whole(tmp_path, tokenizer, monkeypatch):
+    """build_blocks on a 0.5 MB document (plus short ones) with tiny pieces, chunks and spool: the train
+    blocks equal the oracle's (each normalized text tokenized whole + EOS, concatenated, cut)."""
+    monkeypatch.setattr(readers, "PIECE_BYTES", 1 << 12)
+    monkeypatch.setattr(cleaning, "CHUNK_CHARS", 1 << 12)
+    monkeypatch.setattr(cleaning, "SPOOL_CHARS", 1 << 14)
+    rng = random.Random(6)
+    short = finance_documents(30, seed=7)
+    long_text = "\n\n".join(" ".join(rng.choice(short).split()[:rng.randint(3, 30)]) + "  " for _ in range(6000))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a_long.txt").write_text(long_text)
+    for i, text in enumerate(short):
+        (tmp_path / "c" / f"b{i:02d}.txt").write_text(text)
+    assert len(long_text) > 4e5
+    config = _config(data=[str(tmp_path / "c")], seq_len=32, eval_fraction=0.0, near_dedup=False, min_chars=1)
+    report = build_blocks(config, tokenizer, resolve_sources(config.data), [], str(tmp_path / "data"))
+    texts = [_normalize_whole(t, False, True) for t in [long_text] + short]
+    blocks, tail = _oracle_blocks(texts, tokenizer, 32)
+    packed = load_blocks(str(tmp_path / "data" / "train.arrow"))[:]["input_ids"]
+    assert torch.equal(packed, torch.as_tensor(blocks)) and report["tokens"]["dropped_tail"] == tail
 
 
 def test_position_ids_restart_after_eos():
