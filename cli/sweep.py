@@ -14,8 +14,11 @@ def _floats(text: str):
 @click.option("--text", type=click.Path(), help="Validation text for perplexity. Default: the recipe's finmerge.sweep.text.")
 @click.option("--w-domain", help="Comma-separated domain weights, e.g. 0.5,1,1.5.")
 @click.option("--w-instruct", help="Comma-separated instruct weights.")
-@click.option("--variants", help="Comma-separated: paper (weights everywhere), instruct_head (lm_head and final norm from the instruction vector only).")
-@click.option("--metric", help="What to maximize, SET.KEY (e.g. finance.strict); more, comma-separated, break ties; -SET.KEY minimizes.")
+@click.option("--variants", help="Comma-separated: paper (weights everywhere; the default), instruct_head (lm_head and final "
+              "norm from the instruction vector only), instruct_tokens (the chat-control tokens' embedding and lm_head rows "
+              "from the instruction vector only).")
+@click.option("--metric", help="Required (here or as finmerge.sweep.metric): what to maximize, SET.KEY, e.g. finance.strict "
+              "for --qa finance=...; more, comma-separated, break ties; -SET.KEY minimizes.")
 @click.option("--max-new-tokens", type=int, help="Answer length limit for greedy answers.")
 def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max_new_tokens):
     """Merge RECIPE for every (w_domain, w_instruct) and variant, evaluate each, report the best."""
