@@ -110,3 +110,22 @@ def test_ranking_breaks_ties_left_to_right_and_minimizes_with_minus():
     assert ranking_key(a, "f.strict,f.eos") > ranking_key(b, "f.strict,f.eos")
     assert ranking_key(b, "f.strict,-f.nll") > ranking_key(a, "f.strict,-f.nll")
     assert ranking_key(a, "g.strict,f.eos") is None
+
+
+def test_sweep_command_on_a_plain_mergekit_recipe_writes_a_runnable_instruct_tokens_recipe(tiny_family, tmp_path):
+    import yaml
+
+    from bad_input import command, run
+    from finmerge.demo.tiny_models import write_recipe
+
+    plain = write_recipe(str(tmp_path / "plain.yml"), tiny_family)  # no finmerge: section
+    qa = tmp_path / "val.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in CHATS))
+    result = run([command("finmerge"), "sweep", plain, "--out", tmp_path / "sweep", "--qa", f"val={qa}",
+                  "--metric", "val.strict", "--w-domain", "1", "--w-instruct", "1", "--variants", "instruct_tokens"])
+    assert result.returncode == 0, result.stderr
+    best = yaml.safe_load(open(tmp_path / "sweep" / "best-recipe.yml"))
+    assert best["parameters"]["instruct_rows"] == chat_control_rows(recipe(tiny_family))
+    run_merge(best, tmp_path / "again")
+    expected = expected_merge(tiny_family, 1.0, 1.0)
+    assert not torch.allclose(tensors(tmp_path / "again")["lm_head.weight"], expected["lm_head.weight"])
