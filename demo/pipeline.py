@@ -19,7 +19,7 @@ from finmerge.safety.outputs import atomic_write_json, atomic_write_text
 
 # --quick: the same path on a smaller world and model, for the test suite.
 QUICK_DOMAIN = dict(seq_len=96, per_device_train_batch_size=16, max_steps=60, learning_rate=2e-3, save_steps=30, logging_steps=5)
-QUICK_SWEEP = dict(w_domain=[1.0, 1.5], w_instruct=[1.0, 1.5], variants=["paper", "instruct_head", "instruct_tokens"])
+QUICK_SWEEP = dict(w_domain=[1.0], w_instruct=[1.0, 1.5], variants=["paper", "instruct_head", "instruct_tokens"])
 
 
 def _split_questions(world_dir: str, world: Dict, seed: int) -> None:
