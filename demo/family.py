@@ -33,7 +33,7 @@ class FamilySettings:
     batch_size: int = 32
     base_steps: int = 1000
     base_lr: float = 3e-3
-    instruct_steps: int = 100
+    instruct_steps: int = 200
     instruct_lr: float = 3e-4
     domain_steps: int = 400
     domain_lr: float = 1e-3

@@ -11,12 +11,15 @@ from typing import Callable, Dict, Optional
 import yaml
 
 from finmerge.demo import family as fam
+from finmerge.demo import report as demo_report
+from finmerge.demo.breakdown import answer_each, by_relation
 from finmerge.demo.world import QUICK, WorldSize, build_world, write_world
 from finmerge.reproduce.stages import Stages, stage_key
+from finmerge.safety.outputs import atomic_write_json, atomic_write_text
 
 # --quick: the same path on a smaller world and model, for the test suite.
 QUICK_DOMAIN = dict(seq_len=96, per_device_train_batch_size=16, max_steps=60, learning_rate=2e-3, save_steps=30, logging_steps=5)
-QUICK_SWEEP = dict(w_domain=[1.0, 1.5], w_instruct=[1.0, 1.5], variants=["paper", "instruct_head"])
+QUICK_SWEEP = dict(w_domain=[1.0], w_instruct=[1.0, 1.5], variants=["paper", "instruct_head", "instruct_tokens"])
 
 
 def _split_questions(world_dir: str, world: Dict, seed: int) -> None:
@@ -82,8 +85,42 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
         yaml.safe_dump(demo_recipe(quick), handle, sort_keys=False)
     repro = load_reproduction(recipe_path, workdir=out_dir)
     run_reproduction(repro, threads=threads, log=log)
+    breakdown_path = os.path.join(out_dir, "breakdown.json")
+    best_merge = os.path.join(out_dir, "best-merge")
+    finance_relations = sorted({f["relation"] for f in world["facts"] if f["domain"] == "finance"})
+    eval_section = repro.eval
+    stages.run("breakdown", stage_key({"eval": eval_section, "relations": finance_relations},
+                                      [repro.output, best_merge, instruct, world_dir]),
+               lambda: _breakdown(repro, best_merge, instruct, world_dir, finance_relations, breakdown_path))
     report = collect(repro)
+    with open(breakdown_path, encoding="utf-8") as handle:
+        breakdown = json.load(handle)
+    with open(os.path.join(out_dir, "sweep", "sweep.json"), encoding="utf-8") as handle:
+        points = demo_report.sweep_points(json.load(handle))
+    best_label = next(label for label in report["results"] if label.startswith("sweep best"))
     report["demo"] = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), "threads": threads,
-                      "world": size.__dict__, "family": fam.settings_dict(settings)}
+                      "world": size.__dict__, "family": fam.settings_dict(settings),
+                      "breakdown": breakdown, "sweep_points": points,
+                      "targets": {label: demo_report.targets(report["results"], label) for label in ("merged", best_label)}}
     paths = write_report(report, title="finmerge demo: " + ("quick world" if quick else "tiny financial world"))
+    with open(paths["md"], encoding="utf-8") as handle:
+        markdown = handle.read()
+    atomic_write_text(paths["md"], markdown.rstrip("\n") + "\n\n" + demo_report.render(report["demo"]))
     return {"report": report, "paths": paths}
+
+
+def _breakdown(repro, best_merge: str, instruct: str, world_dir: str, finance_relations, out: str) -> None:
+    """Per-question answers of the merges on the finance test questions, and of the instruct model on
+    general entities it never chatted about, for the same relation types."""
+    section = repro.eval
+    knobs = dict(turn_end=section.get("turn_end"), max_new_tokens=section.get("max_new_tokens", 32))
+    finance_qa = os.path.join(world_dir, "finance_test.jsonl")
+    finance = {}
+    for label, path in (("merged (1, 1)", repro.output), ("sweep best", best_merge)):
+        records = answer_each(path, finance_qa, label=label, **knobs)
+        finance[label] = {"records": records, "by_relation": by_relation(records)}
+    wanted = set(finance_relations)
+    records = answer_each(instruct, os.path.join(world_dir, "general_test.jsonl"), label="instruct",
+                          keep=lambda item: item.extra.get("relation") in wanted, **knobs)
+    atomic_write_json(out, {"finance_test": finance,
+                            "general_same_relations": {"records": records, "by_relation": by_relation(records)}})

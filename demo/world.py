@@ -4,9 +4,15 @@ chat questions about both.
 Every fact is a triple (entity, relation, value). Text states facts in several paraphrases; the
 canonical sentence "The {relation} of {entity} is {value}." is shared on purpose between general and
 financial text, and it is also how the instruct model answers, so an answer is the relation copied
-from the question plus the value the model knows. There are many general relation types (the tiny
-world findings: with ~10 the instruct model maps question forms to known relations instead of
-copying the asked one) and the financial relations are ones the instruct model never saw.
+from the question plus the value the model knows.
+
+The split the paper relies on: question *types* are shared, entities are not. The general text also
+states the financial relation types (chief executive, auditor, listing, ...) about general-world
+companies and terms, and the instruct model chats about some of those, as a real instruct model can
+already answer "who is the chief executive of X?". The financial text states the same relation types
+about other companies and terms whose facts appear nowhere else: only continual pretraining adds
+them. There are many general relation types (with ~10 a tiny instruct model maps question forms to
+known relations instead of copying the asked one).
 """
 
 import json
@@ -47,15 +53,18 @@ class WorldSize:
     cities: int = 30
     people: int = 30
     concepts: int = 16
-    companies: int = 20
+    companies: int = 20  # financial entities: facts only in the financial text
     terms: int = 10
+    general_companies: int = 20  # the same relation types about general-world entities, in the general text
+    general_terms: int = 10
     general_docs: int = 4000
     finance_docs: int = 1500
     heldout_finance_docs: int = 150
 
 
-QUICK = WorldSize(cities=10, people=8, concepts=6, companies=8, terms=4, general_docs=700, finance_docs=350,
-                  heldout_finance_docs=40)
+QUICK = WorldSize(cities=10, people=8, concepts=6, companies=8, terms=4, general_companies=8, general_terms=4,
+                  general_docs=700, finance_docs=350, heldout_finance_docs=40)
+TAUGHT_SHARE = 0.7  # share of the general entities the instruct model chats about (more entities: it learns to copy the asked one)
 
 TEMPLATES = [
     "The {r} of {e} is {v}.",
@@ -124,13 +133,19 @@ def _facts(size: WorldSize, rng: random.Random) -> Tuple[List[Fact], List[Fact]]
         "fiscal year end": lambda: pick(MONTHS), "auditor": lambda: name() + " and Partners",
         "listing": lambda: pick(EXCHANGES),
     }
-    finance = []
-    for _ in range(size.companies):
-        company = name() + " " + pick(["Bank", "Holdings", "Trust", "Capital", "Industries", "Group"])
-        finance += [Fact(company, r, make(), "finance") for r, make in finance_relations.items()]
-    for _ in range(size.terms):
-        finance.append(Fact(name(capital=False) + " ratio", "meaning",
-                            f"{pick(['debt', 'cash', 'equity', 'profit'])} divided by {pick(['assets', 'sales', 'shares', 'interest'])}", "finance"))
+
+    def companies_and_terms(companies: int, terms: int, domain: str) -> List[Fact]:
+        facts = []
+        for _ in range(companies):
+            company = name() + " " + pick(["Bank", "Holdings", "Trust", "Capital", "Industries", "Group"])
+            facts += [Fact(company, r, make(), domain) for r, make in finance_relations.items()]
+        for _ in range(terms):
+            facts.append(Fact(name(capital=False) + " ratio", "meaning",
+                              f"{pick(['debt', 'cash', 'equity', 'profit'])} divided by {pick(['assets', 'sales', 'shares', 'interest'])}", domain))
+        return facts
+
+    general += companies_and_terms(size.general_companies, size.general_terms, "general")
+    finance = companies_and_terms(size.companies, size.terms, "finance")
     return general, finance
 
 
@@ -174,7 +189,7 @@ def build_world(size: WorldSize = WorldSize(), seed: int = 0) -> Dict[str, objec
     general, finance = _facts(size, rng)
     entities = sorted({f.entity for f in general})
     rng.shuffle(entities)
-    taught = set(entities[: len(entities) // 2])  # the instruct model sees chats about half the entities
+    taught = set(entities[: round(len(entities) * TAUGHT_SHARE)])  # the instruct model chats about these
     train_chats = [chat(q.format(r=f.relation, e=f.entity), f) for f in general if f.entity in taught
                    for q in rng.sample(QUESTIONS, 2)]
     rng.shuffle(train_chats)

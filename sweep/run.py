@@ -2,7 +2,7 @@
 evaluate every merge on held-out data, and report the best setting for one metric.
 
 This goes beyond the paper (which uses 1/1). Choose the metric on a validation set that is not the
-one you report: the demo sweeps on one half of the financial questions and reports the other half.
+one you report. Every grid point is a recipe that plain `mergekit-yaml` runs.
 """
 
 import copy
@@ -11,27 +11,34 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from finmerge.evaluation.run import EvalSettings, evaluate
+from finmerge.safety.errors import InputError
 
-# Per-module variants the method supports through mergekit's filter syntax (first matching filter wins).
-# `instruct_head`: lm_head and the final norm take only the instruction vector; the tiny-world findings
-# show the domain vector is largest and least orthogonal there.
+# Variants, each expressed in the recipe itself so plain `mergekit-yaml` merges it:
+# - paper: the two weights everywhere;
+# - instruct_head: lm_head and the final norm take only the instruction vector (mergekit's filter
+#   syntax on the domain weight: first matching filter wins);
+# - instruct_tokens: the chat-control tokens' rows of the embedding and lm_head take only the
+#   instruction vector (the method's `instruct_rows`), ids read from the instruct tokenizer.
 FINAL_NORMS = ("model.norm.", "transformer.ln_f.")
-VARIANTS = {
-    "paper": None,
-    "instruct_head": ["lm_head", *FINAL_NORMS],
-}
+DOMAIN_FILTERS = {"paper": None, "instruct_head": ["lm_head", *FINAL_NORMS], "instruct_tokens": None}
+VARIANTS = tuple(DOMAIN_FILTERS)
+
+
+class SweepError(InputError):
+    """The sweep's settings cannot be used (unknown variant, no metric, a metric no grid point computes)."""
 
 
 @dataclass
 class SweepSettings:
     w_domain: Sequence[float] = (0.5, 1.0, 1.5)
     w_instruct: Sequence[float] = (0.5, 1.0, 1.5)
-    variants: Sequence[str] = ("paper", "instruct_head")
+    variants: Sequence[str] = ("paper",)
     # "SET.KEY[,SET.KEY...]": the first decides, the next ones break ties; "-SET.KEY" is minimized.
-    metric: str = "finance.strict"
+    # No default: what "best" means depends on the evaluation sets (e.g. "finance.strict" for a QA set "finance").
+    metric: Optional[str] = None
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
@@ -53,20 +60,59 @@ def ranking_key(result: Dict, metric: str) -> Optional[tuple]:
     return tuple(values)
 
 
-def variant_recipe(recipe: Dict, w_domain: float, w_instruct: float, variant: str) -> Dict:
-    """The recipe with the two weights replaced; a variant puts filter entries before the domain weight."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown sweep variant {variant!r}; known: {', '.join(VARIANTS)}")
+def chat_control_token_ids(tokenizer) -> List[int]:
+    """The instruct tokenizer's special tokens that its chat template writes around a user and an
+    assistant turn (e.g. `<|user|>`, `<|assistant|>`, `<|end|>`): the rows `instruct_tokens` protects."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], tokenize=False)
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return sorted(special.intersection(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
+
+
+def instruct_tokenizer_path(recipe: Dict) -> str:
+    for entry in recipe.get("models") or []:
+        if (entry.get("parameters") or {}).get("role") == "instruct":
+            return entry["model"]
+    raise SweepError("the recipe has no model with parameters.role: instruct; the instruct_tokens variant "
+                     "reads the chat-control tokens from that model's tokenizer")
+
+
+def chat_control_rows(recipe: Dict, trust_remote_code: bool = False) -> str:
+    """`instruct_rows` for the recipe: the chat-control token ids of its instruct model, "3,4,5"."""
+    from transformers import AutoTokenizer
+
+    path = instruct_tokenizer_path(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not tokenizer.chat_template:
+        raise SweepError(f"instruct model {path} has no chat template, so the instruct_tokens variant cannot tell "
+                         "its chat-control tokens; drop that variant or give the model a chat template")
+    ids = chat_control_token_ids(tokenizer)
+    if not ids:
+        raise SweepError(f"the chat template of instruct model {path} writes no special tokens; the "
+                         "instruct_tokens variant has no rows to protect: drop that variant")
+    return ",".join(str(i) for i in ids)
+
+
+def variant_recipe(recipe: Dict, w_domain: float, w_instruct: float, variant: str,
+                   instruct_rows: Optional[str] = None) -> Dict:
+    """The recipe with the two weights replaced and the variant written into it (see DOMAIN_FILTERS).
+
+    `instruct_tokens` needs `instruct_rows` (from `chat_control_rows`; computed here when not given).
+    """
+    if variant not in DOMAIN_FILTERS:
+        raise SweepError(f"unknown sweep variant {variant!r}; known: {', '.join(VARIANTS)}")
     merged = copy.deepcopy(recipe)
     merged.pop("finmerge", None)
     for entry in merged["models"]:
         params = entry.setdefault("parameters", {})
         role = params.get("role")
         if role == "domain":
-            filters = VARIANTS[variant]
+            filters = DOMAIN_FILTERS[variant]
             params["weight"] = [{"filter": f, "value": 0.0} for f in filters] + [{"value": w_domain}] if filters else w_domain
         elif role == "instruct":
             params["weight"] = w_instruct
+    if variant == "instruct_tokens":
+        merged.setdefault("parameters", {})["instruct_rows"] = instruct_rows or chat_control_rows(recipe)
     return merged
 
 
@@ -83,6 +129,13 @@ def _merge(recipe: Dict, out: str) -> None:
 
 def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, keep_best: Optional[str] = None) -> Dict:
     """Evaluate every grid point; returns {"points": [...], "best": {...}}; `keep_best` keeps the best merge there."""
+    if not settings.metric:
+        raise SweepError("no sweep metric: give --metric SET.KEY (or finmerge.sweep.metric in the recipe), "
+                         "e.g. finance.strict for a QA set named finance")
+    unknown = [v for v in settings.variants if v not in DOMAIN_FILTERS]
+    if unknown:
+        raise SweepError(f"unknown sweep variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    rows = chat_control_rows(recipe, settings.eval.trust_remote_code) if "instruct_tokens" in settings.variants else None
     os.makedirs(workdir, exist_ok=True)
     points, best, best_dir = [], None, None
     scratch = tempfile.mkdtemp(prefix=".sweep-", dir=workdir)
@@ -91,7 +144,7 @@ def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, ke
             for w_d in settings.w_domain:
                 for w_i in settings.w_instruct:
                     out = os.path.join(scratch, f"{variant}-{w_d}-{w_i}")
-                    _merge(variant_recipe(recipe, w_d, w_i, variant), out)
+                    _merge(variant_recipe(recipe, w_d, w_i, variant, rows), out)
                     result = evaluate({"merged": out}, settings.eval)["merged"]
                     key = ranking_key(result, settings.metric)
                     point = {"variant": variant, "w_domain": w_d, "w_instruct": w_i, "result": result,
@@ -106,13 +159,13 @@ def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, ke
                     else:
                         shutil.rmtree(out)
         if best is None:
-            raise ValueError(f"metric {settings.metric!r} was not computed for any grid point; check the eval sets")
+            raise SweepError(f"metric {settings.metric!r} was not computed for any grid point; check the eval sets")
         if keep_best:
             shutil.rmtree(keep_best, ignore_errors=True)
             os.rename(best_dir, keep_best)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    best = {**best, "recipe": variant_recipe(recipe, best["w_domain"], best["w_instruct"], best["variant"])}
+    best = {**best, "recipe": variant_recipe(recipe, best["w_domain"], best["w_instruct"], best["variant"], rows)}
     return {"metric": settings.metric, "points": points, "best": best}
 
 

@@ -3,9 +3,11 @@ the report was computed by the run, and a rerun skips every stage."""
 
 import json
 import os
+import re
 
 import pytest
 
+from finmerge.demo.pipeline import QUICK_SWEEP
 from finmerge.demo.world import QUICK, build_world
 
 REQUIRED = {  # the issue's columns: where each lives in a row of the report
@@ -26,6 +28,14 @@ def test_world_is_seeded_and_keeps_finance_facts_out_of_general_text():
     assert len({f["relation"] for f in a["facts"] if f["domain"] == "general"}) >= 30
     chats = {c["entity"] for c in a["instruct_chats"]}
     assert not chats & {q["entity"] for q in a["general_questions"]}  # held-out general questions are about other entities
+    # The split: every financial relation type is also stated about general-world entities, chatted about
+    # for some of them and held out for others; the financial entities are never in a chat.
+    finance_relations = {f["relation"] for f in a["facts"] if f["domain"] == "finance"}
+    general_relations = {f["relation"] for f in a["facts"] if f["domain"] == "general"}
+    assert finance_relations <= general_relations
+    assert finance_relations <= {c["relation"] for c in a["instruct_chats"]}
+    assert finance_relations <= {q["relation"] for q in a["general_questions"]}
+    assert not chats & {f["entity"] for f in a["facts"] if f["domain"] == "finance"}
 
 
 @pytest.mark.slow
@@ -54,4 +64,52 @@ def test_quick_demo_report(tmp_path):
     again = run_demo(str(tmp_path / "demo"), quick=True, threads=1, log=messages.append)
     assert json.load(open(again["paths"]["json"]))["results"] == report["results"]
     skipped = {m.split("]")[0].strip("[") for m in messages if m.endswith("up to date, skipped")}
-    assert skipped == {"world", "init", "base", "instruct", "pretrain", "merge", "eval", "sweep"}
+    assert skipped == {"world", "init", "base", "instruct", "pretrain", "merge", "eval", "sweep", "breakdown"}
+    _check_demo_sections(report, markdown)
+
+
+def _normalized(text):
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", " ", text.lower())).strip()
+
+
+def _check_demo_sections(report, markdown):
+    """The per-relation breakdown, the variants and the targets: recomputed here from what the report holds."""
+    demo, rows = report["demo"], report["results"]
+    finance = demo["breakdown"]["finance_test"]
+    assert set(finance) == {"merged (1, 1)", "sweep best"}
+    questions = sum(1 for _ in open(os.path.join(report["workdir"], "world", "finance_test.jsonl")))
+    for label, part in finance.items():
+        records = part["records"]
+        assert len(records) == questions
+        for r in records:  # each record's verdicts follow from its own answer
+            assert r["hit"] == (_normalized(r["value"]) in _normalized(r["answer"]))
+            assert r["strict"] == (r["hit"] and r["ended"])
+        relations = {r["relation"] for r in records}
+        assert set(part["by_relation"]) == relations | {"all"}
+        for relation in relations:
+            mine = [r for r in records if r["relation"] == relation]
+            assert part["by_relation"][relation]["questions"] == len(mine)
+            assert part["by_relation"][relation]["strict"] == pytest.approx(sum(r["strict"] for r in mine) / len(mine))
+            line = next(line for line in markdown.splitlines() if line.startswith(f"| {relation} |"))
+            assert f"{part['by_relation'][relation]['strict']:.3f}" in line
+        # one question at a time vs the evaluation's batches: the same answers but for a rare near-tie
+        assert part["by_relation"]["all"]["strict"] == pytest.approx(sum(r["strict"] for r in records) / questions)
+    merged_each = finance["merged (1, 1)"]["by_relation"]["all"]
+    assert abs(merged_each["ends_with_eos"] - rows["merged"]["finance"]["ends_with_eos"]) <= 0.1
+    assert abs(merged_each["accuracy"] - rows["merged"]["finance"]["accuracy"]) <= 0.1
+    general = demo["breakdown"]["general_same_relations"]
+    assert {r["relation"] for r in general["records"]} <= {r["relation"] for r in finance["merged (1, 1)"]["records"]}
+    assert general["records"]
+
+    points = demo["sweep_points"]
+    assert len(points) == len(QUICK_SWEEP["variants"]) * len(QUICK_SWEEP["w_domain"]) * len(QUICK_SWEEP["w_instruct"])
+    assert {p["variant"] for p in points} == set(QUICK_SWEEP["variants"])
+    assert all(isinstance(p[k], float) for p in points for k in ("strict", "choice_accuracy", "ends_with_eos", "answer_nll"))
+    assert "## Sweep variants (validation questions)" in markdown and markdown.count("| instruct_tokens |") == len(points) // len(QUICK_SWEEP["variants"])
+
+    checks = demo["targets"]["merged"]
+    merged, domain = rows["merged"]["finance"], rows["domain"]["finance"]
+    assert checks["finance strict >= 0.30"] == {"value": merged["strict"], "met": merged["strict"] >= 0.30}
+    assert checks["keeps >= 90% of the domain model's MC accuracy"]["value"] == pytest.approx(
+        merged["choice_accuracy"] / domain["choice_accuracy"])
+    assert checks["ends >= 90% of financial answers with the turn end"]["value"] == merged["ends_with_eos"]

@@ -1,0 +1,33 @@
+"""`finmerge sweep` on bad settings: one clear message naming the option, inputs untouched, no report."""
+
+import json
+
+import pytest
+
+from bad_input import assert_clean_failure, command, run, snapshot
+from finmerge.demo.tiny_models import CHATS, write_recipe
+
+CASES = {  # name: (extra command-line arguments, recipe edit, words the message must contain)
+    "no metric": ([], None, ["metric", "--metric"]),
+    "unknown variant": (["--metric", "val.strict", "--variants", "paper,ties"], None, ["ties", "instruct_tokens"]),
+    "weights not numbers": (["--metric", "val.strict", "--w-domain", "1,heavy"], None, ["--w-domain", "heavy"]),
+    "empty weight list": (["--metric", "val.strict", "--w-instruct", ","], None, ["--w-instruct"]),
+    "instruct_tokens without a chat template": (
+        ["--metric", "val.strict", "--variants", "instruct_tokens"], "instruct_is_base", ["chat template", "instruct_tokens"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sweep_bad_settings(case, tiny_family, tmp_path):
+    args, edit, mentions = CASES[case]
+    instruct = tiny_family.base if edit == "instruct_is_base" else tiny_family.instruct
+    family = type(tiny_family)(tiny_family.base, instruct, tiny_family.domain)
+    recipe = write_recipe(str(tmp_path / "recipe.yml"), family)
+    qa = tmp_path / "val.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in CHATS))
+    before = snapshot(recipe, qa, tiny_family.base, tiny_family.instruct, tiny_family.domain)
+    out = tmp_path / "sweep"
+    result = run([command("finmerge"), "sweep", recipe, "--out", out, "--qa", f"val={qa}",
+                  "--w-domain", "1", "--w-instruct", "1", *args])
+    assert_clean_failure(result, mentions=mentions, before=before, outputs=[out])
+    assert not (out / "sweep.json").exists() and not (out / "best-recipe.yml").exists()
