@@ -83,7 +83,7 @@ def pretrain(model: str, output: str, data: List[str], steps: int, lr: float, se
 
     overrides = dict(
         model=model, output=output, data=data, txt_document="paragraph", seq_len=settings.seq_len,
-        per_device_train_batch_size=settings.batch_size, max_steps=steps, learning_rate=lr, warmup_ratio=0.05,
+        per_device_train_batch_size=settings.batch_size, max_steps=steps, learning_rate=lr, warmup_steps=0.05,
         weight_decay=0.0, near_dedup=False, min_chars=10, eval_fraction=0.02, save_steps=max(steps // 2, 1),
         logging_steps=max(steps // 50, 1), seed=settings.seed, num_threads=threads,
     )

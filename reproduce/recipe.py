@@ -291,6 +291,9 @@ def _check(repro: Reproduction, path: str) -> None:
                                 "add the `merge` stage")
     if "sweep" in repro.stages and not repro.sweep:
         raise ReproductionError(f"{path}: stage `sweep` needs a `finmerge.sweep:` section")
+    if "sweep" in repro.stages and not repro.sweep.get("metric"):
+        raise ReproductionError(f"{path}: `finmerge.sweep.metric` is required: the metric that picks the best point, "
+                                "SET.KEY such as finance.strict (more, comma-separated, break ties)")
     files = [repro.eval.get("text"), *(repro.eval.get("qa") or {}).values()]
     if repro.sweep:
         files += [repro.sweep.get("text"), *(repro.sweep.get("qa") or {}).values()]

@@ -116,7 +116,7 @@ def variant_recipe(recipe: Dict, w_domain: float, w_instruct: float, variant: st
     return merged
 
 
-def _merge(recipe: Dict, out: str) -> None:
+def _merge(recipe: Dict, out: str, trust_remote_code: bool = False) -> None:
     import mergekit.merge
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
@@ -124,7 +124,7 @@ def _merge(recipe: Dict, out: str) -> None:
     import finmerge.plugins
 
     finmerge.plugins.register()
-    mergekit.merge.run_merge(MergeConfiguration.model_validate(recipe), out, options=MergeOptions(quiet=True))
+    mergekit.merge.run_merge(MergeConfiguration.model_validate(recipe), out, options=MergeOptions(quiet=True, trust_remote_code=trust_remote_code))
 
 
 def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, keep_best: Optional[str] = None) -> Dict:
@@ -144,7 +144,7 @@ def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, ke
             for w_d in settings.w_domain:
                 for w_i in settings.w_instruct:
                     out = os.path.join(scratch, f"{variant}-{w_d}-{w_i}")
-                    _merge(variant_recipe(recipe, w_d, w_i, variant, rows), out)
+                    _merge(variant_recipe(recipe, w_d, w_i, variant, rows), out, settings.eval.trust_remote_code)
                     result = evaluate({"merged": out}, settings.eval)["merged"]
                     key = ranking_key(result, settings.metric)
                     point = {"variant": variant, "w_domain": w_d, "w_instruct": w_i, "result": result,

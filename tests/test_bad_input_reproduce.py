@@ -98,6 +98,7 @@ CASES = {
     "no merge_method": (_no_merge_method, ["no `merge_method`"]),
     "finmerge is a list": (lambda d, w, f: d.update(finmerge=["merge"]), ["finmerge must be a mapping"]),
     "unknown finmerge key": (_set("outptu"), ["unknown key(s) in `finmerge:`: outptu"]),
+    "sweep without a metric": (lambda d, w, f: d["finmerge"]["sweep"].pop("metric"), ["finmerge.sweep.metric` is required"]),
     "workdir a number": (_set("workdir"), ["finmerge.workdir must be a folder path"]),
     "output a list": (_set("output"), ["finmerge.output must be a folder path"]),
     "stages a string": (_set("stages"), ["finmerge.stages must be a non-empty list"]),
