@@ -167,7 +167,7 @@ def test_trainer_loss_equals_reference_on_the_same_blocks(tmp_path, tiny_family,
             break
     write_jsonl(str(tmp_path / "corpus.jsonl"), texts)
     config = PretrainConfig(
-        model=tiny_family.base, data=[str(tmp_path / "corpus.jsonl")], output=str(tmp_path / "out"), seq_len=seq_len,
+        model=tiny_family.base, data=[str(tmp_path / "corpus.jsonl")], output_dir=str(tmp_path / "out"), seq_len=seq_len,
         max_steps=1, per_device_train_batch_size=len(blocks) // micro_batch_split,
         gradient_accumulation_steps=micro_batch_split, logging_steps=1, eval_fraction=0.0, min_chars=1,
         near_dedup=False, dedup=False, document_isolation=isolation, num_threads=1, learning_rate=1e-3)
