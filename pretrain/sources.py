@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass
 from typing import Dict, List
+
+from finmerge.safety.hub import is_hub_id
 
 from .config import PretrainError
 
 FILE_TYPES = (".txt", ".jsonl", ".parquet")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def resolve_sources(specs: List[str], option: str = "data") -> List[Source]:
                 raise PretrainError(f"--{option} {spec}: no data files ({', '.join(FILE_TYPES)}) in this folder "
                                     f"or its subfolders.")
             sources.extend(Source("file", f, spec) for f in found)
-        elif HUB_ID.match(spec) and "/" in spec:
+        elif "/" in spec and is_hub_id(spec):  # a bare word is more likely a mistyped file than a dataset
             sources.append(Source("dataset", spec, spec))
         else:
             raise PretrainError(f"--{option} {spec}: no such file or folder.")

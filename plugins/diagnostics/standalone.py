@@ -33,7 +33,9 @@ def resolve_checkpoint(model: str, role: str, cache_dir: Optional[str] = None) -
     """A local folder as is; anything else as a Hugging Face hub id (safetensors and json only)."""
     if os.path.isdir(model):
         return os.path.abspath(model)
-    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    from finmerge.safety.hub import is_hub_id
+
+    if not is_hub_id(model):
         raise DiagnoseError(f"{role} model {model} is not a checkpoint folder (and not a hub id like org/name)")
     try:
         from huggingface_hub import snapshot_download
