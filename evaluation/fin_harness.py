@@ -135,6 +135,17 @@ class _LocalDownloads:
         return self.download(name)
 
 
+def _as_columns(features, example: Dict[str, Any]) -> Dict[str, Any]:
+    """A `Sequence({...})` field given as a list of dicts becomes a dict of lists, as datasets used to
+    store it (the clone's prompt functions read doc["choices"]["text"]); datasets 5 no longer does it."""
+    out = dict(example)
+    for key, feature in features.items():
+        value = out.get(key)
+        if isinstance(feature, dict) and isinstance(value, list):
+            out[key] = {name: [item.get(name) for item in value] for name in feature}
+    return out
+
+
 def _import_file(path: str, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -175,6 +186,7 @@ class FinHarness:
             raise FinHarnessError(f"--chabsa-archive {chabsa_archive} is not a zip archive; download {CHABSA_URL}")
         self.workdir: Optional[str] = None
         self.names: Dict[str, str] = {}  # task -> the lm-eval task name we generated
+        self._manager = None
 
     def _task_yaml(self, task: str) -> str:
         name = task if self.prompt == "default" else f"{task}-{self.prompt}"
@@ -199,7 +211,7 @@ class FinHarness:
         splits = [s for s in builder._split_generators(downloads) if str(s.name) == "test"]
         if not splits:
             raise FinHarnessError(f"{folder}/{scripts[0]} has no test split")
-        return [features.encode_example(example) if features else example
+        return [features.encode_example(_as_columns(features, example)) if features else example
                 for _, example in builder._generate_examples(**splits[0].gen_kwargs)]
 
     def task_config(self, task: str, data_file: str) -> Dict[str, Any]:
@@ -232,14 +244,17 @@ class FinHarness:
         return self.workdir
 
     def task_manager(self):
+        """Only our generated tasks: indexing lm-eval's thousands of built-in task files costs a minute on 2 cores."""
         from lm_eval.tasks import TaskManager
 
         _register_chabsa_f1()
-        return TaskManager(include_path=os.path.join(self.workdir, "tasks"))
+        if self._manager is None:
+            self._manager = TaskManager(include_path=os.path.join(self.workdir, "tasks"), include_defaults=False)
+        return self._manager
 
     def rendered(self, task: str) -> List[Dict[str, Any]]:
         """What lm-eval will ask for every document of `task`: {text, choices, target} (a check of the conversion)."""
-        loaded = self.task_manager().load_task_or_group([self.names[task]])[self.names[task]]
+        loaded = self.task_manager().load([self.names[task]])["tasks"][self.names[task]]
         return [{"text": loaded.doc_to_text(doc), "choices": loaded.doc_to_choice(doc), "target": loaded.doc_to_target(doc)}
                 for doc in loaded.test_docs()]
 
@@ -266,4 +281,4 @@ class FinHarness:
     def cleanup(self) -> None:
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
+            self.workdir, self._manager = None, None
