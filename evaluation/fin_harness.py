@@ -18,6 +18,7 @@ Nothing from the clone is copied into this repository; importing its scripts run
 the user chose by passing --fin-harness.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -135,6 +136,21 @@ class _LocalDownloads:
         return self.download(name)
 
 
+def _as_strings(feature, value):
+    """datasets' Value("string") encoder is `str(value)`: a missing spreadsheet cell (float NaN) in a
+    string field becomes "nan" (cpa_audit: 38 questions with five choices in a six-choice sheet)."""
+    import datasets
+
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {k: _as_strings(feature[k], v) if k in feature else v for k, v in value.items()}
+    inner = getattr(feature, "feature", None)  # List / Sequence
+    if inner is not None and isinstance(value, list):
+        return [_as_strings(inner, v) for v in value]
+    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string") and value is not None:
+        return value if isinstance(value, str) else str(value)
+    return value
+
+
 def _as_columns(features, example: Dict[str, Any]) -> Dict[str, Any]:
     """A `Sequence({...})` field given as a list of dicts becomes a dict of lists, as datasets used to
     store it (the clone's prompt functions read doc["choices"]["text"]); datasets 5 no longer does it."""
@@ -142,8 +158,29 @@ def _as_columns(features, example: Dict[str, Any]) -> Dict[str, Any]:
     for key, feature in features.items():
         value = out.get(key)
         if isinstance(feature, dict) and isinstance(value, list):
-            out[key] = {name: [item.get(name) for item in value] for name in feature}
+            value = {name: [item.get(name) for item in value] for name in feature}
+        out[key] = _as_strings(feature, value)
     return out
+
+
+@contextlib.contextmanager
+def _pandas_2_strings():
+    """cpa_audit's script was written for pandas 2, where `astype(str)` turns a missing cell into "nan";
+    pandas 3 keeps it missing and the script fails on it. Ask pandas 3 for the old behaviour meanwhile."""
+    try:
+        import pandas
+    except ImportError:
+        yield
+        return
+    if int(pandas.__version__.split(".")[0]) < 3:
+        yield
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the option is deprecated in pandas 3, removed in 4
+        with pandas.option_context("future.infer_string", False):
+            yield
 
 
 def _import_file(path: str, name: str):
@@ -177,7 +214,7 @@ class FinHarness:
                                   "https://github.com/pfnet-research/japanese-lm-fin-harness and pass its folder")
         for task in self.tasks:
             if not os.path.isfile(self._task_yaml(task)):
-                raise FinHarnessError(f"--fin-prompt {self.prompt}: the clone has no {self._task_yaml(task)}; "
+                raise FinHarnessError(f"--fin-prompt {self.prompt}: the clone has no {self._yaml_for(task, self.prompt)}; "
                                       f"prompt versions are the NAME-VERSION.yaml files in {os.path.dirname(self._task_yaml(task))} "
                                       "('default' for NAME.yaml)")
         if chabsa_archive and not os.path.isfile(chabsa_archive):
@@ -188,9 +225,20 @@ class FinHarness:
         self.names: Dict[str, str] = {}  # task -> the lm-eval task name we generated
         self._manager = None
 
-    def _task_yaml(self, task: str) -> str:
-        name = task if self.prompt == "default" else f"{task}-{self.prompt}"
+    def task_prompt(self, task: str) -> str:
+        """The task's prompt version for the chosen one: the same, or (as the harness's own run scripts choose)
+        the nearest shorter one; chabsa has no 0.1.2/0.2.1 configs, so 1.0-0.2.1 runs chabsa-1.0-0.2."""
+        version = self.prompt
+        while version != "default" and not os.path.isfile(self._yaml_for(task, version)) and "." in version.rsplit("-", 1)[-1]:
+            version = version.rsplit(".", 1)[0]
+        return version
+
+    def _yaml_for(self, task: str, version: str) -> str:
+        name = task if version == "default" else f"{task}-{version}"
         return os.path.join(self.package, "tasks", task, f"{name}.yaml")
+
+    def _task_yaml(self, task: str) -> str:
+        return self._yaml_for(task, self.task_prompt(task))
 
     def convert(self, task: str) -> List[Dict[str, Any]]:
         """The test split as the clone's loading script yields it, encoded with the script's Features."""
@@ -211,8 +259,13 @@ class FinHarness:
         splits = [s for s in builder._split_generators(downloads) if str(s.name) == "test"]
         if not splits:
             raise FinHarnessError(f"{folder}/{scripts[0]} has no test split")
-        return [features.encode_example(_as_columns(features, example)) if features else example
-                for _, example in builder._generate_examples(**splits[0].gen_kwargs)]
+        try:
+            with _pandas_2_strings():
+                return [features.encode_example(_as_columns(features, example)) if features else example
+                        for _, example in builder._generate_examples(**splits[0].gen_kwargs)]
+        except ImportError as error:  # cpa_audit reads an .xlsx through pandas, which needs openpyxl
+            raise FinHarnessError(f"the clone's {folder}/{scripts[0]} needs a package that is not installed: "
+                                  f"{str(error).splitlines()[0]} (cpa_audit: pip install openpyxl)") from None
 
     def task_config(self, task: str, data_file: str) -> Dict[str, Any]:
         config = _load_task_yaml(self._task_yaml(task))
@@ -275,7 +328,8 @@ class FinHarness:
             task_manager=self.task_manager(), device=lm_eval_device(device),
         )["results"]
         scores = {task: float(results[self.names[task]][f"{TASKS[task][1]},none"]) for task in self.tasks}
-        return {"prompt": self.prompt, "metrics": {t: TASKS[t][1] for t in self.tasks}, "scores": scores,
+        return {"prompt": self.prompt, "prompts": {t: self.task_prompt(t) for t in self.tasks},
+                "metrics": {t: TASKS[t][1] for t in self.tasks}, "scores": scores,
                 "average": sum(scores.values()) / len(scores)}
 
     def cleanup(self) -> None:
