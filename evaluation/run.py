@@ -99,14 +99,43 @@ def _progress_total(rows: Optional[List], qa_sets: Dict, settings: EvalSettings)
     return total
 
 
+def _own_metrics(result: Dict, label: str, path: str, texts, text_bytes, qa_sets, settings: EvalSettings,
+             template: Optional[str], template_source: Optional[str], for_all: bool) -> None:
+    """Held-out text and chat QA for one model, loaded here and released when this returns."""
+    from tqdm.auto import tqdm
+
+    from finmerge.evaluation import metrics
+
+    model, tokenizer = load_model(path, settings.trust_remote_code, settings.allow_pickle, settings.device, settings.dtype)
+    result.update(dtype=str(next(model.parameters()).dtype).replace("torch.", ""), device=str(next(model.parameters()).device))
+    rows = metrics.encode_documents(tokenizer, texts, settings.max_len) if texts is not None else None
+    bar = tqdm(total=_progress_total(rows, qa_sets, settings), desc=label, unit="seq",
+               disable=not settings.show_progress, leave=False)
+    if rows is not None:
+        result["domain"] = metrics.perplexity(model, rows, settings.batch_size, text_bytes, bar.update)
+    own_template = tokenizer.chat_template
+    if qa_sets and not for_all and not own_template and template is None:
+        raise EvalDataError(f"model {path} has no chat template and no other model has one; pass --chat-template-from")
+    use_own = bool(own_template) and not for_all
+    chat_template = None if use_own else template
+    if qa_sets:
+        result["chat_template_from"] = path if use_own else template_source
+        result["chat_template"] = "own" if use_own else (template_source if template_source == "given template"
+                                                         else f"from {template_source}")
+    for name, items in qa_sets.items():
+        scores = metrics.chat_likelihood(model, tokenizer, items, chat_template, settings.batch_size, bar.update)
+        if settings.generate:
+            scores.update(metrics.chat_generation(model, tokenizer, items, chat_template, settings.max_new_tokens,
+                                                  settings.batch_size * 2, settings.turn_end, bar.update))
+        result[name] = scores
+    bar.close()
+
+
 def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> Dict[str, Dict]:
     """{label: {metric: value}} for every model, one model in memory at a time.
 
     Each model reads the held-out text through its own tokenizer; bits per byte compares them.
     """
-    from tqdm.auto import tqdm
-
-    from finmerge.evaluation import metrics
     from finmerge.evaluation.devices import check_device, free
 
     texts = load_texts(settings.text) if settings.text else None
@@ -127,32 +156,10 @@ def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> D
         if fin:
             fin.prepare()
         for label, path in models.items():
-            model, tokenizer = load_model(path, settings.trust_remote_code, settings.allow_pickle, settings.device, settings.dtype)
-            result: Dict[str, object] = {"path": path, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                                         "device": str(next(model.parameters()).device)}
-            rows = metrics.encode_documents(tokenizer, texts, settings.max_len) if texts is not None else None
-            bar = tqdm(total=_progress_total(rows, qa_sets, settings), desc=label, unit="seq",
-                       disable=not settings.show_progress, leave=False)
-            if rows is not None:
-                result["domain"] = metrics.perplexity(model, rows, settings.batch_size, text_bytes, bar.update)
-            own_template = tokenizer.chat_template
-            if qa_sets and not for_all and not own_template and template is None:
-                raise EvalDataError(f"model {path} has no chat template and no other model has one; pass --chat-template-from")
-            use_own = bool(own_template) and not for_all
-            chat_template = None if use_own else template
-            if qa_sets:
-                result["chat_template_from"] = path if use_own else template_source
-                result["chat_template"] = "own" if use_own else (template_source if template_source == "given template"
-                                                                 else f"from {template_source}")
-            for name, items in qa_sets.items():
-                scores = metrics.chat_likelihood(model, tokenizer, items, chat_template, settings.batch_size, bar.update)
-                if settings.generate:
-                    scores.update(metrics.chat_generation(model, tokenizer, items, chat_template, settings.max_new_tokens,
-                                                          settings.batch_size * 2, settings.turn_end, bar.update))
-                result[name] = scores
-            bar.close()
-            del model, tokenizer
-            free()  # one model in memory at a time: the harness below loads its own copy
+            result: Dict[str, object] = {"path": path}
+            if texts is not None or qa_sets:  # the harnesses below load their own copy
+                _own_metrics(result, label, path, texts, text_bytes, qa_sets, settings, template, template_source, for_all)
+                free()  # one model in memory at a time
             if settings.harness_tasks:
                 from finmerge.evaluation.harness import run_harness
 
