@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--generate", type=int, default=16, help="questions for the generation comparison")
+    parser.add_argument("--only-generation", action="store_true", help="skip the scoring comparison")
     args = parser.parse_args()
 
     import torch
@@ -65,7 +66,6 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
 
     from finmerge.evaluation import metrics
-    from finmerge.evaluation.data import QAItem
     from finmerge.evaluation.run import load_model
 
     torch.set_num_threads(args.threads)
@@ -78,13 +78,23 @@ def main() -> None:
     instances = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(reqs)]
 
     times = {"finmerge": [], "lm-eval": []}
-    for _ in range(args.rounds):  # alternate: load from other processes hits both alike
+    for _ in range(0 if args.only_generation else args.rounds):  # alternate: load from other processes hits both alike
         start = time.perf_counter()
         ours = metrics._token_logprobs(model, rows, args.batch_size)
         times["finmerge"].append(time.perf_counter() - start)
         start = time.perf_counter()
         theirs = lm.loglikelihood(instances, disable_tqdm=True)
         times["lm-eval"].append(time.perf_counter() - start)
+    if args.only_generation:
+        print(f"model: {params / 1e6:.0f}M parameters, {args.threads} threads")
+    else:
+        _report_scoring(args, params, reqs, tokens, tokenizer, ours, theirs, times)
+    _generation(args, model, tokenizer, reqs)
+
+
+def _report_scoring(args, params, reqs, tokens, tokenizer, ours, theirs, times) -> None:
+    import statistics
+
     # same numbers, not just the same speed: continuation log-likelihoods agree
     cont = [len(tokenizer(x, add_special_tokens=False)["input_ids"]) for _, x in reqs]
     worst = max(abs(o[-n:].sum().item() - t[0]) for o, n, t in zip(ours, cont, theirs))
@@ -94,6 +104,12 @@ def main() -> None:
         print(f"{name:9s} runs {', '.join(f'{v:.2f}s' for v in values)}  median {tokens / statistics.median(values):.0f} tokens/s")
     ratios = [t / f for f, t in zip(times["finmerge"], times["lm-eval"])]
     print(f"speed ratio finmerge / lm-eval per round: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}x")
+
+
+
+def _generation(args, model, tokenizer, reqs) -> None:
+    from finmerge.evaluation import metrics
+    from finmerge.evaluation.data import QAItem
 
     items = [QAItem(c.split("\n")[0][:120] + "?", "ARB.") for c, _ in reqs[::4][:args.generate]]
     gen = {"batched": [], "one at a time": []}
