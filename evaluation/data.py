@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 
-class EvalDataError(ValueError):
+from finmerge.safety.errors import InputError
+
+
+class EvalDataError(InputError):
     """An evaluation file is missing or malformed; the message names the file and line."""
 
 
@@ -37,49 +40,62 @@ def load_qa(path: str) -> List[QAItem]:
     if not os.path.isfile(path):
         raise EvalDataError(f"QA file {path} does not exist")
     items = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise EvalDataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
-            if not isinstance(row, dict):
-                raise EvalDataError(f"{where}: expected a JSON object with 'question' and 'answer'")
-            for key in ("question", "answer"):
-                if not isinstance(row.get(key), str) or not row[key].strip():
-                    raise EvalDataError(f"{where}: '{key}' is missing or not a non-empty string")
-            choices = row.get("choices")
-            if choices is not None:
-                if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                    raise EvalDataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-                if row["answer"] not in choices:
-                    raise EvalDataError(f"{where}: 'answer' {row['answer']!r} is not one of the choices")
-                choices = tuple(choices)
-            extra = {k: v for k, v in row.items() if k not in ("question", "answer", "choices")}
-            items.append(QAItem(row["question"], row["answer"], choices, extra))
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalDataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict):
+            raise EvalDataError(f"{where}: expected a JSON object with 'question' and 'answer'")
+        for key in ("question", "answer"):
+            if not isinstance(row.get(key), str) or not row[key].strip():
+                raise EvalDataError(f"{where}: '{key}' is missing or not a non-empty string")
+        choices = row.get("choices")
+        if choices is not None:
+            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+                raise EvalDataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
+            if row["answer"] not in choices:
+                raise EvalDataError(f"{where}: 'answer' {row['answer']!r} is not one of the choices")
+            choices = tuple(choices)
+        extra = {k: v for k, v in row.items() if k not in ("question", "answer", "choices")}
+        items.append(QAItem(row["question"], row["answer"], choices, extra))
     if not items:
         raise EvalDataError(f"QA file {path} holds no questions")
     return items
+
+
+def _lines(path: str) -> List[str]:
+    """The file's lines; a file that is not UTF-8 text is named with the byte offset."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise EvalDataError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8") from None
+    except OSError as error:
+        raise EvalDataError(f"cannot read {path}: {error.strerror}") from None
 
 
 def load_texts(path: str) -> List[str]:
     """Held-out documents: a .txt file (documents separated by blank lines) or .jsonl with "text"."""
     if not os.path.isfile(path):
         raise EvalDataError(f"text file {path} does not exist")
-    with open(path, encoding="utf-8") as handle:
-        if path.endswith(".jsonl"):
-            texts = []
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        texts.append(json.loads(line)["text"])
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise EvalDataError(f"{path}:{number}: expected a JSON object with a 'text' string") from None
-        else:
-            texts = [doc.strip() for doc in handle.read().split("\n\n")]
+    lines = _lines(path)
+    if path.endswith(".jsonl"):
+        texts = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    text = None
+                if not isinstance(text, str):
+                    raise EvalDataError(f"{path}:{number}: expected a JSON object with a 'text' string")
+                texts.append(text)
+    else:
+        texts = [doc.strip() for doc in "\n".join(lines).split("\n\n")]
     texts = [t for t in texts if t]
     if not texts:
         raise EvalDataError(f"text file {path} holds no documents")

@@ -1,6 +1,8 @@
 """The numbers `finmerge eval` reports for one model.
 
-- perplexity: token-weighted over held-out documents, from token ids computed ONCE for all models;
+- held-out text: each model reads it through ITS OWN tokenizer. Perplexity per token is therefore
+  not comparable across vocabularies; bits per byte (summed NLL in bits / UTF-8 bytes of the
+  scored text) is, and is the number to compare;
 - chat generation: greedy answer contains the reference, and the answer ends with the model's eos;
 - chat likelihood: mean NLL of the reference answer after the chat prompt, and multiple-choice
   accuracy by the summed log-likelihood of each choice (how japanese-lm-fin-harness scores).
@@ -8,11 +10,14 @@
 
 import math
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from finmerge.evaluation.data import QAItem
+from finmerge.evaluation.devices import input_device
+
+Progress = Optional[Callable[[int], None]]  # called with the number of sequences just processed
 
 
 def _batches(items: Sequence, size: int):
@@ -31,21 +36,41 @@ def _right_padded(rows: List[List[int]], pad_id: int):
 
 
 @torch.no_grad()
-def _token_logprobs(model, rows: List[List[int]], batch_size: int) -> List[torch.Tensor]:
-    """log p(token_t | tokens_<t) for t >= 1, per row (fp32)."""
-    out = []
-    for batch in _batches(rows, batch_size):
+def _token_logprobs(model, rows: List[List[int]], batch_size: int, progress: Progress = None) -> List[torch.Tensor]:
+    """log p(token_t | tokens_<t) for t >= 1, per row (fp32, on the CPU), in the order of `rows`.
+
+    Rows are batched longest first so a batch pads little; padding is on the right and masked,
+    so causal attention never lets a real token see it.
+    """
+    device = input_device(model)
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: List[Optional[torch.Tensor]] = [None] * len(rows)
+    for batch_order in _batches(order, batch_size):
+        batch = [rows[i] for i in batch_order]
         ids, mask = _right_padded(batch, pad_id=0)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        out += [logprobs[i, :len(row) - 1] for i, row in enumerate(batch)]
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # math in fp32 whatever the model's dtype
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+        for position, (i, row) in enumerate(zip(batch_order, batch)):
+            out[i] = logprobs[position, :len(row) - 1]
+        if progress:
+            progress(len(batch))
     return out
 
 
+def _start_token(tokenizer) -> List[int]:
+    """The token every window starts from, so that every text token is scored: BOS, else the
+    document separator EOS (Qwen-style tokenizers have no BOS), else none."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return [token]
+    return []
+
+
 def encode_documents(tokenizer, texts: Sequence[str], max_len: int) -> List[List[int]]:
-    """Token ids of each document, cut into windows of at most `max_len` tokens (BOS if the tokenizer has one)."""
+    """Token ids of each document, cut into windows of at most `max_len` tokens, each after the start token."""
     rows = []
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = _start_token(tokenizer)
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         step = max_len - len(bos)
@@ -53,12 +78,21 @@ def encode_documents(tokenizer, texts: Sequence[str], max_len: int) -> List[List
     return rows
 
 
-def perplexity(model, rows: List[List[int]], batch_size: int = 16) -> Dict[str, float]:
+def perplexity(model, rows: List[List[int]], batch_size: int = 16, text_bytes: Optional[int] = None,
+               progress: Progress = None) -> Dict[str, Optional[float]]:
+    """Perplexity per token of this model's own tokenization, and bits per byte of the text.
+
+    `text_bytes` is the UTF-8 length of the documents; bits per byte is reported only when every
+    text token was scored (the windows start from a BOS/EOS token), else it would undercount.
+    """
     nll, tokens = 0.0, 0
-    for logprobs in _token_logprobs(model, rows, batch_size):
+    for logprobs in _token_logprobs(model, rows, batch_size, progress):
         nll -= logprobs.double().sum().item()
         tokens += logprobs.numel()
-    return {"perplexity": math.exp(nll / tokens), "tokens": tokens}
+    result: Dict[str, Optional[float]] = {"perplexity": math.exp(nll / tokens), "tokens": tokens}
+    if text_bytes:
+        result.update(bits_per_byte=nll / math.log(2) / text_bytes, bytes=text_bytes)
+    return result
 
 
 def chat_prompt_ids(tokenizer, question: str, chat_template: Optional[str] = None) -> List[int]:
@@ -73,7 +107,7 @@ def _continuation_ids(tokenizer, text: str) -> List[int]:
 
 
 def chat_likelihood(model, tokenizer, items: Sequence[QAItem], chat_template: Optional[str] = None,
-                    batch_size: int = 16) -> Dict[str, Optional[float]]:
+                    batch_size: int = 16, progress: Progress = None) -> Dict[str, Optional[float]]:
     """Mean per-token NLL of the reference answers; accuracy on the multiple-choice items."""
     rows, owners = [], []  # owners: (item index, choice index or None for the reference)
     for index, item in enumerate(items):
@@ -85,7 +119,7 @@ def chat_likelihood(model, tokenizer, items: Sequence[QAItem], chat_template: Op
             owners.append((index, c, len(prompt)))
     answer_nll, answer_tokens = 0.0, 0
     choice_scores: Dict[int, List[float]] = {}
-    for logprobs, (index, choice, prompt_len) in zip(_token_logprobs(model, rows, batch_size), owners):
+    for logprobs, (index, choice, prompt_len) in zip(_token_logprobs(model, rows, batch_size, progress), owners):
         continuation = logprobs[prompt_len - 1:].double()
         if choice is None:
             answer_nll -= continuation.sum().item()
@@ -113,7 +147,8 @@ def _eos_ids(model, tokenizer) -> List[int]:
 
 @torch.no_grad()
 def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Optional[str] = None,
-                    max_new_tokens: int = 32, batch_size: int = 32, turn_end: Optional[str] = None) -> Dict[str, object]:
+                    max_new_tokens: int = 32, batch_size: int = 32, turn_end: Optional[str] = None,
+                    progress: Progress = None) -> Dict[str, object]:
     """Greedy answers: share containing the reference, share ending the turn properly, both.
 
     The turn ends properly with `turn_end` (a token, e.g. the instruct model's end-of-turn) when
@@ -125,22 +160,31 @@ def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Op
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     correct = ended = strict = 0
     samples = []
-    for batch in _batches(list(items), batch_size):
-        prompts = [chat_prompt_ids(tokenizer, item.question, chat_template) for item in batch]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])  # left padding for generation
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = input_device(model)
+    prompts = [chat_prompt_ids(tokenizer, item.question, chat_template) for item in items]
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    answers: Dict[int, List[int]] = {}
+    for batch_order in _batches(order, batch_size):
+        batch_prompts = [prompts[i] for i in batch_order]
+        width = max(len(p) for p in batch_prompts)
+        # Left padding (whatever the tokenizer's padding_side): new tokens follow every prompt directly.
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch_prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                    eos_token_id=eos or None, pad_token_id=pad)[:, width:].tolist()
-        for item, tokens in zip(batch, generated):
-            stop = next((i for i, t in enumerate(tokens) if t in eos), None)
-            answer = tokenizer.decode(tokens[:stop] if stop is not None else tokens, skip_special_tokens=True)
-            hit = _normalize(item.expected) in _normalize(answer)
-            proper_end = stop is not None and tokens[stop] in turn_ids
-            correct += hit
-            ended += proper_end
-            strict += hit and proper_end
-            if len(samples) < 5:
-                samples.append({"question": item.question, "reference": item.expected, "answer": answer, "ended": proper_end})
+        answers.update(zip(batch_order, generated))
+        if progress:
+            progress(len(batch_order))
+    for index, item in enumerate(items):
+        tokens = answers[index]
+        stop = next((i for i, t in enumerate(tokens) if t in eos), None)
+        answer = tokenizer.decode(tokens[:stop] if stop is not None else tokens, skip_special_tokens=True)
+        hit = _normalize(item.expected) in _normalize(answer)
+        proper_end = stop is not None and tokens[stop] in turn_ids
+        correct += hit
+        ended += proper_end
+        strict += hit and proper_end
+        if len(samples) < 5:
+            samples.append({"question": item.question, "reference": item.expected, "answer": answer, "ended": proper_end})
     n = len(items)
     return {"accuracy": correct / n, "ends_with_eos": ended / n, "strict": strict / n, "questions": n, "samples": samples}

@@ -44,7 +44,9 @@ def test_windows_cover_long_documents(instruct):
     text = " ".join(["A bond pays a coupon."] * 20)
     rows = metrics.encode_documents(tokenizer, [text], max_len=16)
     assert all(len(r) <= 16 for r in rows)
-    assert sum(rows, []) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    # every window starts from the eos (this tokenizer has no BOS), so every text token is scored
+    assert all(r[0] == tokenizer.eos_token_id for r in rows)
+    assert sum((r[1:] for r in rows), []) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_chat_likelihood_matches_model_loss(instruct):
@@ -113,7 +115,8 @@ def test_cli_prints_one_table_for_several_models(tiny_family, tmp_path):
                              "--qa", f"finance={qa}", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("|")]
-    assert lines[0].startswith("| model | domain ppl | finance MC acc (loglik)")
+    assert lines[0].startswith("| model | domain bits/byte | domain ppl (own tokens) | chat template | finance MC acc (loglik)")
+    assert "bits/byte = summed NLL in bits / UTF-8 bytes" in result.stdout  # the table says which number compares
     assert [l.split("|")[1].strip() for l in lines[2:]] == ["b", "instruct"]
     saved = json.loads((tmp_path / "r.json").read_text())
     assert saved["instruct"]["finance"]["accuracy"] == 1.0 and saved["b"]["domain"]["perplexity"] > 1
@@ -130,3 +133,115 @@ def test_pickled_only_model_needs_allow_pickle(tiny_family, tmp_path):
     model, _ = load_model(str(pickled), allow_pickle=True)
     reference, _ = load_model(tiny_family.instruct)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+# --- batching, precision, devices and tokenizers -------------------------------------------------
+
+HELD_OUT = ["The ticker of Aurora Bank is ARB. Aurora Bank reports revenue in yen.",
+            "A bond pays a coupon.", ("The capital of Velm is Oskar. The river of Velm is the Tane. " * 3).strip()]
+MC_ITEMS = [QAItem(q, a, choices=("ARB.", "Tane.", "Oskar.", "A coupon.")) for q, a in CHATS]
+
+
+def test_batched_scores_equal_unbatched_in_fp32(instruct):
+    model, tokenizer = instruct
+    rows = metrics.encode_documents(tokenizer, HELD_OUT, max_len=24)  # windows of several lengths: padding in play
+    assert len({len(r) for r in rows}) > 2
+    one = metrics.perplexity(model, rows, batch_size=1, text_bytes=100)
+    many = metrics.perplexity(model, rows, batch_size=5, text_bytes=100)
+    assert many["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5, abs=1e-5)
+    assert many["bits_per_byte"] == pytest.approx(one["bits_per_byte"], rel=1e-5, abs=1e-5)
+    single = metrics.chat_likelihood(model, tokenizer, MC_ITEMS, batch_size=1)
+    batched = metrics.chat_likelihood(model, tokenizer, MC_ITEMS, batch_size=7)
+    assert batched["answer_nll"] == pytest.approx(single["answer_nll"], rel=1e-5, abs=1e-5)
+    assert batched["choice_accuracy"] == single["choice_accuracy"]
+
+
+def test_batched_generation_equals_unbatched(instruct):
+    model, tokenizer = instruct
+    items = [QAItem(q, a) for q, a in CHATS]
+    single = metrics.chat_generation(model, tokenizer, items, batch_size=1)
+    batched = metrics.chat_generation(model, tokenizer, items, batch_size=4)  # left-padded prompts of different lengths
+    assert [s["answer"] for s in batched["samples"]] == [s["answer"] for s in single["samples"]]
+    assert {k: batched[k] for k in ("accuracy", "ends_with_eos", "strict")} == {k: single[k] for k in ("accuracy", "ends_with_eos", "strict")}
+
+
+BF16_TOLERANCE = 0.02  # relative, on bits per byte and answer NLL of the tiny model (bf16 keeps ~3 significant digits)
+
+
+def test_bf16_within_tolerance_of_fp32(tiny_family):
+    fp32, tokenizer = load_model(tiny_family.instruct, dtype="fp32")
+    bf16, _ = load_model(tiny_family.instruct, dtype="bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+    rows = metrics.encode_documents(tokenizer, HELD_OUT, max_len=64)
+    a = metrics.perplexity(fp32, rows, 4, text_bytes=500)
+    b = metrics.perplexity(bf16, rows, 4, text_bytes=500)
+    assert b["bits_per_byte"] == pytest.approx(a["bits_per_byte"], rel=BF16_TOLERANCE)
+    nll32 = metrics.chat_likelihood(fp32, tokenizer, MC_ITEMS, batch_size=4)["answer_nll"]
+    nll16 = metrics.chat_likelihood(bf16, tokenizer, MC_ITEMS, batch_size=4)["answer_nll"]
+    assert nll16 == pytest.approx(nll32, rel=BF16_TOLERANCE)
+
+
+def test_dtype_auto_keeps_the_checkpoints_dtype(tiny_family, tmp_path):
+    model, tokenizer = load_model(tiny_family.instruct)
+    model.to(torch.float16).save_pretrained(tmp_path / "half")
+    tokenizer.save_pretrained(tmp_path / "half")
+    loaded, _ = load_model(str(tmp_path / "half"), dtype="auto")
+    assert next(loaded.parameters()).dtype == torch.float16
+
+
+@pytest.fixture(scope="module")
+def other_vocabulary(tmp_path_factory):
+    """A tiny model whose tokenizer differs from the family's (another vocabulary size)."""
+    from transformers import LlamaForCausalLM
+
+    from finmerge.demo.tiny_models import CHATS as chats, CORPUS, build_tokenizer, tiny_config
+
+    tokenizer = build_tokenizer(CORPUS + [q + " " + a for q, a in chats], 280)
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("other")
+    LlamaForCausalLM(tiny_config(len(tokenizer), tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _bits_per_byte_by_hand(path, texts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path).eval()
+    nats = 0.0
+    for text in texts:
+        ids = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+        nats += _loss_sum(model, ids, 1)
+    return nats / math.log(2) / sum(len(t.encode("utf-8")) for t in texts), len(tokenizer)
+
+
+def test_each_model_reads_the_text_with_its_own_tokenizer(tiny_family, other_vocabulary, tmp_path):
+    text = tmp_path / "held.txt"
+    text.write_text("\n\n".join(HELD_OUT))
+    results = evaluate({"family": tiny_family.base, "other": other_vocabulary}, EvalSettings(text=str(text), max_len=128))
+    sizes = set()
+    for label, path in (("family", tiny_family.base), ("other", other_vocabulary)):
+        expected, vocabulary = _bits_per_byte_by_hand(path, HELD_OUT)
+        sizes.add(vocabulary)
+        assert results[label]["domain"]["bits_per_byte"] == pytest.approx(expected, rel=1e-4)
+        assert results[label]["domain"]["bytes"] == sum(len(t.encode()) for t in HELD_OUT)
+    assert len(sizes) == 2  # the two really have different vocabularies
+    assert results["family"]["domain"]["tokens"] != results["other"]["domain"]["tokens"]
+
+
+def test_chat_template_from_applies_to_every_model_and_is_reported(tiny_family, tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in CHATS))
+    models = {"base": tiny_family.base, "instruct": tiny_family.instruct}
+    shared = evaluate(models, EvalSettings(qa={"chat": str(qa)}, chat_template_from=tiny_family.instruct, generate=False))
+    assert {r["chat_template"] for r in shared.values()} == {f"from {tiny_family.instruct}"}
+    given = "{% for m in messages %}Q: {{ m['content'] }}\n{% endfor %}A:"
+    recipe = evaluate(models, EvalSettings(qa={"chat": str(qa)}, chat_template=given, generate=False))
+    assert {r["chat_template"] for r in recipe.values()} == {"given template"}
+    # the given template really is the prompt: its NLL equals scoring with that template by hand
+    model, tokenizer = load_model(tiny_family.instruct)
+    by_hand = metrics.chat_likelihood(model, tokenizer, [QAItem(q, a) for q, a in CHATS], given)["answer_nll"]
+    assert recipe["instruct"]["chat"]["answer_nll"] == pytest.approx(by_hand, rel=1e-6)
+    own = evaluate(models, EvalSettings(qa={"chat": str(qa)}, generate=False))
+    assert own["instruct"]["chat_template"] == "own" and own["base"]["chat_template"] == f"from {tiny_family.instruct}"
+    assert own["instruct"]["chat"]["answer_nll"] != pytest.approx(recipe["instruct"]["chat"]["answer_nll"])
