@@ -32,12 +32,23 @@ def _given(values: Optional[Dict]) -> Dict:
     return {k: v for k, v in (values or {}).items() if v is not None}
 
 
-def _eval_settings(section: Dict, flags: Dict[str, bool], knobs_from: Optional[Dict] = None):
+def _eval_settings(section: Dict, flags: Dict[str, bool], knobs_from: Optional[Dict] = None,
+                   template: Optional[str] = None):
     """Data (text, qa) from `section`; generation/batching knobs from `knobs_from` unless `section` sets them."""
     from finmerge.evaluation.run import EvalSettings
 
     knobs = {k: v for k, v in {**_given(knobs_from), **_given(section)}.items() if k in EVAL_KNOBS}
-    return EvalSettings(text=section.get("text"), qa=dict(section.get("qa") or {}), **knobs, **flags)
+    return EvalSettings(text=section.get("text"), qa=dict(section.get("qa") or {}), chat_template=template,
+                        **knobs, **flags)
+
+
+def recipe_chat_template(repro: Reproduction) -> Optional[str]:
+    """The recipe's own Jinja `chat_template:` (e.g. nekomata's Alpaca-ja one): every model is asked through it.
+
+    mergekit's named templates ("chatml", "auto", ...) are not Jinja; they are left to each model's own.
+    """
+    template = repro.merge.get("chat_template")
+    return template if isinstance(template, str) and ("{%" in template or "{{" in template) else None
 
 
 def build_pretrain_config(repro: Reproduction, threads: Optional[int], trust_remote_code: bool, allow_pickle: bool):
@@ -115,16 +126,16 @@ def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Ca
         stages.run("merge", key, lambda: _merge(repro, flags), moved_in=[repro.output])
     results_path = os.path.join(repro.workdir, "eval.json")
     if "eval" in repro.stages:
-        settings = _eval_settings(repro.eval, flags)
+        settings = _eval_settings(repro.eval, flags, template=recipe_chat_template(repro))
         key = stages.key({**common, "eval": repro.eval}, [*models.values(), repro.output, settings.text or "", *settings.qa.values()])
         stages.run("eval", key, lambda: write_results(evaluate({**models, "merged": repro.output}, settings,
                                                                  progress=lambda m: log(f"[eval] {m} done")), results_path),
                    files=[results_path])
     if "sweep" in repro.stages:
         section = repro.sweep
-        settings = SweepSettings(eval=_eval_settings(section, flags, repro.eval),
+        settings = SweepSettings(eval=_eval_settings(section, flags, repro.eval, template=recipe_chat_template(repro)),
                                  **{k: section[k] for k in ("w_domain", "w_instruct", "variants", "metric") if section.get(k) is not None})
-        report_eval = _eval_settings(repro.eval, flags)
+        report_eval = _eval_settings(repro.eval, flags, template=recipe_chat_template(repro))
         # the sweep reads its own question files, and the best merge is evaluated on the reported ones
         question_files = [settings.eval.text or "", *settings.eval.qa.values(), report_eval.text or "", *report_eval.qa.values()]
         key = stages.key({**common, "sweep": section, "eval": repro.eval, "merge": repro.merge},

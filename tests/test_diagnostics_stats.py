@@ -295,7 +295,8 @@ def test_report_without_matplotlib(monkeypatch, tmp_path):
 
 
 def test_report_files_and_heatmap(tmp_path):
-    pytest.importorskip("matplotlib")
+    import matplotlib  # noqa: F401  (`make` installs the plots extra: a broken install must fail, not skip)
+
     report, data = _report(_measure(_llama_like()), tmp_path)
     assert data["heatmap"] == "diagnostics.png"
     assert (tmp_path / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -474,3 +474,19 @@ def test_digests_are_cached_per_file_version(tmp_path):
     # a file swapped in with the same size and mtime has a new ctime/inode: hashed again
     _same_size_same_mtime(data, "BBBB")
     assert cache.digest(str(data)) not in ("planted", real)
+
+
+def test_eval_asks_every_model_through_the_recipes_own_template():
+    """fin.yml's Alpaca-ja Jinja template reaches the eval settings; mergekit's template names do not."""
+    from types import SimpleNamespace
+
+    from finmerge.reproduce.run import _eval_settings, recipe_chat_template
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "recipes", "fin.yml"), encoding="utf-8") as handle:
+        fin = yaml.safe_load(handle)
+    template = recipe_chat_template(SimpleNamespace(merge=fin))
+    assert template == fin["chat_template"] and "### 応答:" in template
+    settings = _eval_settings({"qa": {"x": "x.jsonl"}}, {"trust_remote_code": True, "allow_pickle": False}, template=template)
+    assert settings.chat_template == template and settings.trust_remote_code
+    for named in ("chatml", "auto", None):
+        assert recipe_chat_template(SimpleNamespace(merge={"chat_template": named})) is None
