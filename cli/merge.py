@@ -10,25 +10,10 @@ from finmerge.plugins.preflight import RecipeError
 
 def load_recipe(path: str) -> Dict[str, Any]:
     """The recipe as a dict, or a RecipeError naming the file (and line) and what is wrong."""
-    import yaml
-
     from finmerge.safety.flags import refuse_cli_only
+    from finmerge.safety.yaml_files import load_yaml
 
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise RecipeError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); "
-                          "save the recipe as UTF-8 YAML") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise RecipeError(f"{path} is not valid YAML{where} ({' '.join(str(problem).split())}); "
-                          "fix the recipe (mergekit recipes are YAML mappings)") from None
+    data = load_yaml(path, "recipe", RecipeError)
     if data is None:
         raise RecipeError(f"{path} is empty; a recipe needs at least `merge_method:` and `models:`")
     if not isinstance(data, dict):

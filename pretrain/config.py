@@ -295,15 +295,9 @@ def _named(values: Dict[str, Any], where: str, actions: Dict[str, argparse.Actio
 
 
 def read_yaml(path: str) -> Dict[str, Any]:
-    import yaml
+    from finmerge.safety.yaml_files import load_yaml
 
-    try:
-        with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
-    except OSError as error:
-        raise PretrainError(f"cannot read config file {path}: {error.strerror or error}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise PretrainError(f"config file {path} is not valid YAML: {error}") from None
+    loaded = load_yaml(path, "config file", PretrainError)
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

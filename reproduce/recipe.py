@@ -34,11 +34,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
 
 from finmerge.safety.errors import InputError
 from finmerge.safety.flags import CommandLineOnlyError, refuse_cli_only
 from finmerge.safety.hub import is_hub_id
+from finmerge.safety.yaml_files import load_yaml
 from finmerge.safety.outputs import MARKER, OutputError, check_output_location, is_owned
 
 STAGES = ("pretrain", "merge", "eval", "sweep")
@@ -125,20 +125,7 @@ def _read(path: str) -> Dict[str, Any]:
         raise ReproductionError(f"recipe {path} does not exist; give the path of a mergekit recipe YAML file")
     if not os.path.isfile(path):
         raise ReproductionError(f"recipe {path} is not a file; give the path of a mergekit recipe YAML file")
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ReproductionError(f"recipe {path} is not UTF-8 text (invalid byte at offset {error.start}); "
-                                "save it as UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ReproductionError(f"recipe {path} is not valid YAML{at}: {problem}; fix the file") from None
+    data = load_yaml(path, "recipe", ReproductionError)
     if data is None:
         raise ReproductionError(f"recipe {path} is empty; write a mergekit recipe (`merge_method:`, `models:`, ...)")
     if not isinstance(data, dict):
