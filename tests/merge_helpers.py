@@ -65,3 +65,20 @@ def assert_close_state(actual: dict, expected: dict, atol: float = 1e-6) -> None
     assert set(actual) == set(expected)
     for name in expected:
         assert torch.allclose(actual[name], expected[name], atol=atol, rtol=0), name
+
+
+def shard_in_two(folder: str) -> str:
+    """Replace model.safetensors by two shards + model.safetensors.index.json (the layout of real checkpoints)."""
+    import json
+
+    state = load_file(os.path.join(folder, "model.safetensors"))
+    os.remove(os.path.join(folder, "model.safetensors"))
+    names = sorted(state)
+    weight_map = {}
+    for n, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-0000{n + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, os.path.join(folder, shard), metadata={"format": "pt"})
+        weight_map.update({k: shard for k in part})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
+        json.dump({"metadata": {}, "weight_map": weight_map}, handle)
+    return folder

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bad_input import assert_clean_failure, command, run, snapshot
-from merge_helpers import copy_model, pickled_copy
+from merge_helpers import copy_model, pickled_copy, shard_in_two
 
 INDEX = "model.safetensors.index.json"
 REAL = {"index-dotdot-path", "domain"}
@@ -43,17 +43,7 @@ def _diagnose(args, cwd=None, real=False):
 
 def _sharded(folder: str) -> str:
     """The checkpoint as two shards + index (what the index cases then break)."""
-    state = load_file(os.path.join(folder, "model.safetensors"))
-    os.remove(os.path.join(folder, "model.safetensors"))
-    names = sorted(state)
-    weight_map = {}
-    for n, part in enumerate((names[::2], names[1::2])):
-        shard = f"model-0000{n + 1}-of-00002.safetensors"
-        save_file({k: state[k] for k in part}, os.path.join(folder, shard))
-        weight_map.update({k: shard for k in part})
-    with open(os.path.join(folder, INDEX), "w") as handle:
-        json.dump({"metadata": {}, "weight_map": weight_map}, handle)
-    return folder
+    return shard_in_two(folder)
 
 
 def _write_index(folder: str, data) -> None:

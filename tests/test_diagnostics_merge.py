@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from diagnostics_helpers import assert_stats_match, concatenated
 from finmerge.cli.main import cli
 from finmerge.demo.tiny_models import recipe, write_recipe
-from merge_helpers import copy_model, pickled_copy, run_merge, tensors
+from merge_helpers import copy_model, pickled_copy, run_merge, shard_in_two, tensors
 
 BIN = os.path.dirname(sys.executable)
 REPORT_FILES = ("diagnostics.json", "diagnostics.md", "diagnostics.png")
@@ -119,15 +119,7 @@ def _indexed_with_consolidated_copy(source, destination):
     weights under other names (as Mistral-style repositories ship them)."""
     folder = copy_model(source, destination)
     state = load_file(os.path.join(folder, "model.safetensors"))
-    os.remove(os.path.join(folder, "model.safetensors"))
-    names = sorted(state)
-    weight_map = {}
-    for n, part in enumerate((names[::2], names[1::2])):
-        shard = f"model-0000{n + 1}-of-00002.safetensors"
-        save_file({k: state[k] for k in part}, os.path.join(folder, shard))
-        weight_map.update({k: shard for k in part})
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as handle:
-        json.dump({"metadata": {}, "weight_map": weight_map}, handle)
+    shard_in_two(folder)
     save_file({"consolidated." + k: v for k, v in state.items()}, os.path.join(folder, "consolidated.safetensors"))
     return folder
 
