@@ -50,6 +50,30 @@ def run(args: Sequence[str], cwd=None, env=None, timeout: int = 300) -> subproce
                           timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def invoke(args: Sequence[str], cwd=None, env=None) -> subprocess.CompletedProcess:
+    """`finmerge ARGS` in this process (no interpreter start-up), as a CompletedProcess.
+
+    An exception escaping the command counts as a traceback, exactly as a user would have seen one.
+    """
+    import traceback
+
+    from click.testing import CliRunner
+
+    from finmerge.cli.main import cli
+
+    here = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(cli, [str(a) for a in args], env={"FINMERGE_DEBUG": "", **(env or {})})
+    finally:
+        os.chdir(here)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+
 def assert_clean_failure(result: subprocess.CompletedProcess, *, mentions: Iterable[str] = (),
                          before: Optional[Snapshot] = None,
                          outputs: Iterable[str] = ()) -> str:

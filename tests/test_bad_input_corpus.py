@@ -7,11 +7,10 @@ subprocess of the installed `finmerge` script."""
 
 import json
 import os
-import subprocess
 
 import pytest
 
-from bad_input import assert_clean_failure, command, run, snapshot
+from bad_input import assert_clean_failure, command, invoke, run, snapshot
 
 
 def _write(path, data: bytes):
@@ -136,15 +135,7 @@ CASES = [_empty_txt, _blank_txt, _latin1_txt, _latin1_lines, _utf16_txt, _jsonl_
 
 
 def _in_process(args):
-    """`finmerge ARGS` through the command group in this process, as a CompletedProcess."""
-    from click.testing import CliRunner
-
-    from finmerge.cli.main import cli
-
-    result = CliRunner().invoke(cli, args)
-    # an exception the group did not turn into a message would be a traceback for a real user
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+    return invoke(args)
 
 
 SUBPROCESS_CASES = {_latin1_txt, _parquet_without_text}

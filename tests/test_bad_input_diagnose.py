@@ -9,13 +9,12 @@ also run the installed console script in a subprocess.
 import json
 import os
 import struct
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bad_input import assert_clean_failure, command, run, snapshot
+from bad_input import assert_clean_failure, command, invoke, run, snapshot
 from merge_helpers import copy_model, pickled_copy, shard_in_two
 
 INDEX = "model.safetensors.index.json"
@@ -27,18 +26,7 @@ def _diagnose(args, cwd=None, real=False):
     args = ["diagnose", *[str(a) for a in args], "--quiet"]
     if real:
         return run([command("finmerge"), *args], cwd=cwd)
-    from click.testing import CliRunner
-
-    from finmerge.cli.main import cli
-
-    previous = os.getcwd()
-    os.chdir(cwd or previous)
-    try:
-        result = CliRunner().invoke(cli, args, env={"FINMERGE_DEBUG": ""})
-    finally:
-        os.chdir(previous)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception  # no escape
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+    return invoke(args, cwd=cwd)
 
 
 def _sharded(folder: str) -> str:

@@ -9,14 +9,12 @@ runs one through the installed console script as well.
 
 import json
 import os
-import subprocess
-import traceback
 
 import pytest
 import yaml
 
 from finmerge.demo.tiny_models import CHATS, CORPUS, recipe
-from tests.bad_input import assert_clean_failure, command, run, snapshot
+from bad_input import assert_clean_failure, command, invoke, run, snapshot
 
 
 def _valid(tiny_family, work):
@@ -157,24 +155,6 @@ VALUES = {
     "output is the recipe": "./recipe.yml", "output is the pretrain output": "./domain", "flag in pretrain": True,
     "flag in eval": True, "flag in sweep": "yes", "flag at the top": True, "unknown finmerge key": "./x",
 }
-
-
-def invoke(args, cwd):
-    """`finmerge ARGS` in this process, as a CompletedProcess (an escaping exception counts as a traceback)."""
-    from click.testing import CliRunner
-
-    from finmerge.cli.main import cli
-
-    here = os.getcwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(cli, [str(a) for a in args])
-    finally:
-        os.chdir(here)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
 
 
 def _case(tiny_family, tmp_path, name):
