@@ -34,6 +34,7 @@ class PluginUnavailable(RuntimeError):
     """`domain_instruct` cannot be installed into this mergekit; the message says which and why."""
 
 
+@functools.lru_cache(maxsize=None)  # both watched modules ask; the metadata does not change in a process
 def supported_mergekit() -> str:
     """The mergekit versions finmerge supports: its own installed requirement (pyproject), e.g. `<0.2,>=0.1.5`."""
     from importlib import metadata
@@ -50,6 +51,7 @@ def supported_mergekit() -> str:
     return SUPPORTED_FALLBACK
 
 
+@functools.lru_cache(maxsize=None)
 def mergekit_version() -> str:
     from importlib import metadata
 
