@@ -247,14 +247,16 @@ def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: Merg
     os.makedirs(scratch)
     report = None
     collector = None
+    preloading = contextlib.nullcontext()
     if not _env_flag("FINMERGE_NO_DIAGNOSTICS"):
         from finmerge.plugins.diagnostics import StatsCollector
-        from finmerge.plugins.diagnostics.heatmap import preload_in_background
+        from finmerge.plugins.diagnostics.heatmap import matplotlib_preloaded
 
         collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
-        preload_in_background()
+        preloading = matplotlib_preloaded()
     try:
-        with collecting(collector) if collector else contextlib.nullcontext(), saved_dtype(_out_dtype(merge_config)):
+        with preloading, collecting(collector) if collector else contextlib.nullcontext(), \
+                saved_dtype(_out_dtype(merge_config)):
             original_run_merge(merge_config, scratch, options=options, config_source=config_source)
         ids = finish_instruct_output(scratch, inputs, merge_config, trust_remote_code=options.trust_remote_code)
         report = _write_diagnostics(scratch, collector, inputs) if collector else None

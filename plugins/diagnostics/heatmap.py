@@ -4,9 +4,10 @@ Drawn with matplotlib's object API and the Agg canvas, never pyplot: no global b
 and no GUI is touched, so it is safe inside a merge running in any process or thread.
 """
 
+import contextlib
 import logging
 import threading
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.render import layer_label
@@ -25,11 +26,23 @@ def _import_matplotlib() -> None:
         pass  # draw_heatmap reports it
 
 
-def preload_in_background() -> threading.Thread:
-    """Import matplotlib (~0.5-1 s on 2 cores) while the tensors are measured, not after."""
-    thread = threading.Thread(target=_import_matplotlib, name="finmerge-preload-matplotlib", daemon=True)
+@contextlib.contextmanager
+def matplotlib_preloaded() -> Iterator[threading.Thread]:
+    """Import matplotlib (~0.5-1 s on 2 cores) in a thread while the tensors are measured, not after.
+
+    The thread never outlives the block: it is joined on the way out, whatever ends the block. A
+    thread still inside an import when the interpreter shuts down (an early error exits at once) is
+    stopped by CPython where it stands; inside a C++ extension's initialisation (kiwisolver,
+    matplotlib's ft2font) that unwinding ends in `std::terminate`: the process aborts (SIGABRT)
+    after printing its clean error. Not a daemon either, so even a join cut short by a second Ctrl-C
+    is waited for at exit rather than torn down mid-import.
+    """
+    thread = threading.Thread(target=_import_matplotlib, name="finmerge-preload-matplotlib", daemon=False)
     thread.start()
-    return thread
+    try:
+        yield thread
+    finally:
+        thread.join()
 
 
 def cosine_grid(agg: Aggregates) -> Tuple[List[str], List[str], List[List[Optional[float]]]]:

@@ -184,15 +184,21 @@ def _finite(value: float) -> bool:
 def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] = None,
              cache_dir: Optional[str] = None, progress: bool = True) -> Report:
     """Measure base/domain/instruct (paths or hub ids) and write the report files into `out`."""
-    from tqdm.auto import tqdm
-
-    from finmerge.plugins.diagnostics.heatmap import preload_in_background
+    from finmerge.plugins.diagnostics.heatmap import matplotlib_preloaded
 
     missing = [role for role in ROLES if not models.get(role)]
     if missing:
         raise DiagnoseError(f"missing model(s): {', '.join(missing)}")
     check_output_location(out, [models[role] for role in ROLES], what="diagnostics folder")  # never into an input
-    preload_in_background()
+    with matplotlib_preloaded():
+        collector = _measure(models, dtype, cache_dir, progress)
+    return write_report(out, collector, models, source="diagnose")
+
+
+def _measure(models: Dict[str, str], dtype: Optional[torch.dtype], cache_dir: Optional[str],
+             progress: bool) -> StatsCollector:
+    from tqdm.auto import tqdm
+
     folders = {role: resolve_checkpoint(models[role], role, cache_dir) for role in ROLES}
     indexes = {role: tensor_index(folders[role], role) for role in ROLES}
     collector = StatsCollector()
@@ -209,4 +215,4 @@ def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] =
                 bar.update(locations[0].numel)
     finally:
         measurer.close()
-    return write_report(out, collector, models, source="diagnose")
+    return collector
