@@ -21,6 +21,13 @@ COMMANDS = {
     "demo": ("finmerge.cli.demo:demo", "The whole method on a generated world, offline, in minutes."),
 }
 
+# What a stopped command leaves, where it is more than "nothing unfinished was put in place".
+AFTER_A_STOP = {
+    "pretrain": "run the same command again to resume from the last complete checkpoint",
+    "reproduce": "finished stages are kept and the stopped one is not marked done; run the same command "
+                 "again to continue",
+}
+
 
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
@@ -33,7 +40,25 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(module), attribute)
 
     def invoke(self, ctx):
-        """Bad input ends in one message and exit code 1, never a traceback (FINMERGE_DEBUG=1 shows it)."""
+        """Bad input ends in one message and exit code 1, never a traceback (FINMERGE_DEBUG=1 shows it).
+
+        Ctrl-C and SIGTERM end in one line and exit status 130 / 143, after the command's own cleanup.
+        """
+        from finmerge.safety.signals import sigterm_raises, stop_message, stop_of
+
+        try:
+            with sigterm_raises():
+                return self._invoke_reporting_errors(ctx)
+        except BaseException as error:
+            stop = stop_of(error)
+            if stop is None:
+                raise
+            if not stop.detail:
+                stop.detail = AFTER_A_STOP.get(ctx.invoked_subcommand, "")
+            click.echo(f"Error: {stop_message(stop, f'finmerge {ctx.invoked_subcommand}')}", err=True)
+            raise click.exceptions.Exit(stop.exit_status) from None
+
+    def _invoke_reporting_errors(self, ctx):
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort, KeyboardInterrupt, SystemExit):

@@ -146,20 +146,36 @@ def wrap_run_merge(merge_module) -> None:
 
         if merge_config.merge_method != METHOD_NAME:
             return original(merge_config, out_path, options=options, config_source=config_source, **kwargs)
-        try:
+        if not _under_a_mergekit_command():  # finmerge's commands and library callers handle errors and signals
             from finmerge.plugins.run import run_domain_instruct
 
             return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
-        except Exception as error:
-            message = _clean_message(error)
-            if message is None or os.environ.get("FINMERGE_DEBUG") or not _under_a_mergekit_command():
-                raise
-            import click  # mergekit-yaml is a click command: one `Error: ...` line, exit code 1
-
-            raise click.ClickException(message) from error
+        return _run_under_mergekit_command(original, merge_config, out_path, options, config_source, **kwargs)
 
     run_merge.__finmerge_wrapped__ = original
     merge_module.run_merge = run_merge
+
+
+def _run_under_mergekit_command(original, merge_config, out_path, options, config_source, **kwargs):
+    """mergekit-yaml is a click command: our errors become one `Error: ...` line and exit status 1;
+    Ctrl-C and SIGTERM one line and 130 / 143, after the merge removed its scratch folder and lock."""
+    import click
+
+    from finmerge.plugins.run import run_domain_instruct
+    from finmerge.safety.signals import sigterm_raises, stop_message, stop_of
+
+    try:
+        with sigterm_raises():
+            return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
+    except BaseException as error:
+        stop = stop_of(error)
+        if stop is not None:
+            click.echo(f"Error: {stop_message(stop, f'the domain_instruct merge into {out_path}')}", err=True)
+            raise click.exceptions.Exit(stop.exit_status) from None
+        message = _clean_message(error) if isinstance(error, Exception) else None
+        if message is None or os.environ.get("FINMERGE_DEBUG"):
+            raise
+        raise click.ClickException(message) from error
 
 
 def install_into_loaded_mergekit(force_import: bool = False) -> None:

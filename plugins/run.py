@@ -10,15 +10,13 @@ through to mergekit.
 """
 
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
 import re
 import shutil
 import sys
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
@@ -27,6 +25,7 @@ from finmerge.plugins.collector import collecting
 from finmerge.plugins.method import saved_dtype
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
 from finmerge.plugins.preflight import MergeInputs, check_output_path, input_paths, preflight
+from finmerge.safety.locks import exclusive, lock_beside
 from finmerge.safety.outputs import OutputError
 
 LOG = logging.getLogger(__name__)
@@ -62,52 +61,11 @@ def _scratch_path(out_path: str, pid: Optional[int] = None) -> str:
     return os.path.join(parent, f".{name}.partial-{os.getpid() if pid is None else pid}")
 
 
-def _lock_path(out_path: str) -> str:
-    parent, name = os.path.split(os.path.abspath(out_path))
-    return os.path.join(parent, f".{name}.lock")
-
-
-@contextlib.contextmanager
-def out_lock(out_path: str) -> Iterator[None]:
-    """Hold an exclusive lock on OUT for the whole merge; a second merge into it fails at once.
-
-    flock goes with the process (a killed merge holds nothing). The lock file is removed on release,
-    so after taking the lock we check it is still the file at that path (a lock on a file another
-    merge has just unlinked would guard nothing) and try again if not.
-    """
-    path = _lock_path(out_path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    while True:
-        handle = open(path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                handle.close()
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise OutputError(
-                f"another merge (process {holder}) is writing {os.path.abspath(out_path)} now (lock {path}); "
-                "wait for it to finish, or choose another output folder") from None
-        try:
-            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)  # while still holding the lock: see above
-        handle.close()
+def out_lock(out_path: str):
+    """Hold an exclusive lock on OUT for the whole merge; a second merge into it fails at once."""
+    lock = lock_beside(out_path)
+    return exclusive(lock, lambda holder: f"another merge (process {holder}) is writing {os.path.abspath(out_path)} "
+                                          f"now (lock {lock}); wait for it to finish, or choose another output folder")
 
 
 def _pid_alive(pid: int) -> bool:

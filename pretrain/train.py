@@ -127,6 +127,33 @@ def perplexity_before(trainer, eval_blocks, data_dir: str, resuming: bool):
     return before
 
 
+def train_until_done_or_stopped(trainer, resume_from: Optional[str]):
+    """trainer.train(); a SIGTERM (a job scheduler's stop) saves a checkpoint at the end of the current
+    step and ends the run, which the same command resumes. The other signals act as usual."""
+    import signal
+    import threading
+
+    from transformers import TrainerCallback
+
+    from finmerge.safety.signals import Stopped, sigterm_sets_flag
+
+    stop_requested = threading.Event()
+
+    class SaveAndStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop_requested.is_set():
+                control.should_save = control.should_training_stop = True
+
+    trainer.add_callback(SaveAndStop())
+    with sigterm_sets_flag(stop_requested):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stop_requested.is_set() and trainer.state.global_step < trainer.state.max_steps:
+        folder = os.path.join(trainer.args.output_dir, f"checkpoint-{trainer.state.global_step}")
+        raise Stopped(signal.SIGTERM, f"training saved {folder} (step {trainer.state.global_step} of "
+                                      f"{trainer.state.max_steps}); run the same command again to resume from it")
+    return result
+
+
 def make_summary(config, trainer, result, resume_from, before, after, eval_blocks, report, run, started) -> Dict:
     world = trainer.args.world_size
     return {
@@ -155,9 +182,25 @@ def make_summary(config, trainer, result, resume_from, before, after, eval_block
 
 
 def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) -> Dict[str, Any]:
-    """Train (or resume, or report a finished run) and return the training summary ({} on processes other than 0)."""
-    started = time.time()
+    """Train (or resume, or report a finished run) and return the training summary ({} on processes other than 0).
+
+    One run per output folder: a second `finmerge pretrain` into it is refused while this one runs
+    (the processes of one distributed run share it: process 0 holds the lock).
+    """
     config.validate()
+    if config.process_index != 0:
+        return _pretrain(config, callbacks)
+    from finmerge.safety.locks import exclusive, lock_beside
+
+    lock = lock_beside(config.output_dir)
+    busy = (lambda holder: f"another pretraining run (process {holder}) is writing {os.path.abspath(config.output_dir)} "
+                           f"now (lock {lock}); wait for it to finish, or choose another --output_dir")
+    with exclusive(lock, busy):
+        return _pretrain(config, callbacks)
+
+
+def _pretrain(config: PretrainConfig, callbacks: Optional[list]) -> Dict[str, Any]:
+    started = time.time()
     import torch
 
     if config.num_threads:
@@ -190,7 +233,7 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
         torch.distributed.barrier()
     data_dir = os.path.join(output, DATA_DIR)
     before = perplexity_before(trainer, eval_blocks, data_dir, resuming=resume_from is not None)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train_until_done_or_stopped(trainer, resume_from)
     after = perplexity(trainer, eval_blocks)
     trainer.save_model(output)
 

@@ -10,7 +10,6 @@ recipe.py refuses it) and reach every stage: pretraining, the `mergekit-yaml` su
 
 import contextlib
 import os
-import subprocess
 import sys
 from typing import Callable, Dict, Iterator, Optional
 
@@ -18,7 +17,9 @@ import yaml
 
 from finmerge.reproduce.recipe import Reproduction, check_locations
 from finmerge.reproduce.stages import Stages
+from finmerge.safety.locks import exclusive
 from finmerge.safety.outputs import atomic_write_text
+from finmerge.safety.signals import run_child
 
 EVAL_KNOBS = ("max_len", "max_new_tokens", "batch_size", "generate", "turn_end")
 
@@ -84,9 +85,9 @@ def _merge(repro: Reproduction, flags: Dict[str, bool]) -> None:
     recipe_path = os.path.join(repro.workdir, ".stages", "merge-recipe.yml")
     atomic_write_text(recipe_path, yaml.safe_dump(repro.merge, sort_keys=False))
     command, env = merge_command(repro, recipe_path, flags)
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"the merge stage failed: mergekit-yaml exited with code {result.returncode} "
+    returncode = run_child(command, env=env)  # stopped: mergekit-yaml is stopped too and cleans up
+    if returncode != 0:
+        raise RuntimeError(f"the merge stage failed: mergekit-yaml exited with code {returncode} "
                            f"(its message is above); the recipe it ran is {recipe_path}")
 
 
@@ -109,10 +110,20 @@ def _pickles_allowed(allow: bool) -> Iterator[None]:
 
 def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print, *,
                      trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict:
+    """Run the recipe's stages; a second reproduction in the same workdir is refused while this one runs."""
+    check_locations(repro)  # before anything is written
+    lock = os.path.join(repro.workdir, ".stages", "reproduce.lock")
+    busy = (lambda holder: f"another finmerge reproduce (process {holder}) is running in {repro.workdir} now "
+                           f"(lock {lock}); wait for it to finish, or give this one another --workdir")
+    with exclusive(lock, busy):
+        return _run_stages(repro, threads, log, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+
+
+def _run_stages(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print, *,
+                trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict:
     from finmerge.evaluation.run import evaluate, write_results
     from finmerge.sweep.run import SweepSettings, run_sweep, write_sweep
 
-    check_locations(repro)  # before anything is written
     flags = flags_of(trust_remote_code, allow_pickle)
     stages = Stages(repro.workdir, log=log)
     models = {"base": repro.model("base"), "domain": repro.model("domain"), "instruct": repro.model("instruct")}

@@ -344,6 +344,47 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_family, corpus, tmp
 
 
 @pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_refuses_a_second_run_and_resumes_equal(tiny_family, corpus, tmp_path):
+    """A scheduler's stop: the run saves a checkpoint at the end of the step, exits 143; rerun = uninterrupted."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    done = subprocess.run(_pretrain_command(tiny_family.base, corpus, whole, 40), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    process = subprocess.Popen(_pretrain_command(tiny_family.base, corpus, stopped, 40), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = os.path.join(stopped, "checkpoints", "checkpoint-4", "trainer_state.json")
+    deadline = time.time() + 300
+    while not os.path.exists(first) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    second = finmerge("pretrain", "--model", tiny_family.base, "--data", corpus, "--output", stopped,
+                      "--max-steps", "40", *TRAIN_ARGS)
+    assert second.returncode == 1 and f"another pretraining run (process {process.pid}) is writing" in second.stderr
+
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143, err[-3000:]
+    message = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(message) == 1 and "finmerge pretrain stopped by SIGTERM (exit status 143); training saved" in message[0]
+    saved = int(message[0].split("(step ")[1].split(" ")[0])
+    assert 4 <= saved < 40 and os.path.isdir(os.path.join(stopped, "checkpoints", f"checkpoint-{saved}"))
+    assert not os.path.exists(os.path.join(stopped, "training_summary.json"))
+    assert not os.path.exists(os.path.join(str(tmp_path), ".stopped.lock"))
+
+    resumed = subprocess.run(_pretrain_command(tiny_family.base, corpus, stopped, 40), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    with open(os.path.join(stopped, "training_summary.json")) as a, open(os.path.join(whole, "training_summary.json")) as b:
+        resumed_summary, whole_summary = json.load(a), json.load(b)
+    assert resumed_summary["resumed_from"] == f"checkpoint-{saved}"
+    first_weights, second_weights = load_weights(whole), load_weights(stopped)
+    assert first_weights.keys() == second_weights.keys()
+    for key in first_weights:
+        assert torch.equal(first_weights[key], second_weights[key]), key  # exact on CPU
+    assert resumed_summary["loss_curve"] == whole_summary["loss_curve"]
+
+
+@pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tiny_family, corpus, tmp_path):
     out = str(tmp_path / "ddp")
     launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
