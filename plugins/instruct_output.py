@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit.config import MergeConfiguration
 
@@ -230,7 +230,8 @@ def finish_instruct_output(
     return ids
 
 
-def card_section(inputs: MergeInputs, ids: Dict[str, Any], extra: Optional[str] = None) -> str:
+def card_section(inputs: MergeInputs, ids: Dict[str, Any], extra: Optional[str] = None,
+                 auto_rows: Optional[List[Tuple[int, str]]] = None) -> str:
     weights = {role: inputs.parameters[role].get("weight", 1.0) for role in ("domain", "instruct")}
     lines = [
         "",
@@ -249,6 +250,9 @@ def card_section(inputs: MergeInputs, ids: Dict[str, Any], extra: Optional[str] 
         "the recipe when it sets `chat_template:`); code files for trust_remote_code: the model's from the base, "
         f"the tokenizer's from the instruct model. Special token ids in config.json: {json.dumps(ids, sort_keys=True)}.",
     ]
+    if auto_rows:
+        lines += ["", "Chat-control rows (`instruct_rows: auto`, from the instruct tokenizer's chat template) took only the "
+                  "instruction vector: " + ", ".join(f"{i} `{t}`" for i, t in auto_rows) + "."]
     if extra:
         lines += ["", extra]
     return "\n".join(lines) + "\n"

@@ -69,8 +69,8 @@ def parse_rows(instruct_rows: str) -> List[int]:
             continue
         if not item.isdigit():
             raise InstructRowsError(
-                f"{METHOD_NAME}: parameter instruct_rows must be comma-separated token ids such as \"3,4,5\"; "
-                f"got {instruct_rows!r}")
+                f"{METHOD_NAME}: parameter instruct_rows must be comma-separated token ids such as \"3,4,5\", or "
+                f"\"auto\" (resolved by finmerge's merge, mergekit-yaml included, before the kernel runs); got {instruct_rows!r}")
         rows.append(int(item))
     return sorted(set(rows))
 

@@ -16,11 +16,12 @@ import os
 import re
 import shutil
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
 
+from finmerge.plugins.chat_rows import describe, resolve_auto_rows
 from finmerge.plugins.collector import collecting
 from finmerge.plugins.method import saved_dtype
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
@@ -141,7 +142,8 @@ def _move_into_place(scratch: str, out_path: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_diagnostics(folder: str, collector: Any, inputs: MergeInputs) -> Optional[Any]:
+def _write_diagnostics(folder: str, collector: Any, inputs: MergeInputs,
+                       auto_rows: Optional[List[Tuple[int, str]]] = None) -> Optional[Any]:
     """The independence report into the merge's folder; a failure here must not cost the merge."""
     from finmerge.plugins.diagnostics.report import write_report
 
@@ -150,7 +152,8 @@ def _write_diagnostics(folder: str, collector: Any, inputs: MergeInputs) -> Opti
     weights: Dict[str, Any] = json.loads(json.dumps(
         {role: inputs.parameters[role].get("weight", 1.0) for role in ("domain", "instruct")}, default=str))
     try:
-        return write_report(folder, collector, models, source="merge", weights=weights)
+        return write_report(folder, collector, models, source="merge", weights=weights,
+                            instruct_rows=[{"id": i, "token": t} for i, t in auto_rows] if auto_rows else None)
     except Exception:
         LOG.exception("the merge is complete but its diagnostics report could not be written; "
                       "`finmerge diagnose` computes it from the three checkpoints")
@@ -191,14 +194,18 @@ def run_domain_instruct(
         overwrite=overwrite, allow_pickle=allow_pickle, cache_dir=options.transformers_cache,
         unsafe_truncate_embeddings=options.unsafe_truncate_embeddings,
     )
+    merge_config, auto_rows = resolve_auto_rows(merge_config, inputs, trust_remote_code=options.trust_remote_code)
+    if auto_rows and not options.quiet:
+        print(f"domain_instruct: instruct_rows: auto = {describe(auto_rows)}", file=sys.stderr)
     with out_lock(out_path):
         check_output_path(out_path, overwrite, input_paths(merge_config))  # again: another merge may have just finished
         handle_stale_scratch(out_path, remove_stale)
-        _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs)
+        _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs, auto_rows)
 
 
 def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: MergeConfiguration, out_path: str,
-                      options: Any, config_source: Optional[str], inputs: MergeInputs) -> None:
+                      options: Any, config_source: Optional[str], inputs: MergeInputs,
+                      auto_rows: Optional[List[Tuple[int, str]]] = None) -> None:
     config_source = config_source or merge_config.to_yaml()
     scratch = _scratch_path(out_path)
     shutil.rmtree(scratch, ignore_errors=True)  # ours (this PID), from an earlier merge in this process
@@ -217,12 +224,12 @@ def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: Merg
                 saved_dtype(_out_dtype(merge_config)):
             original_run_merge(merge_config, scratch, options=options, config_source=config_source)
         ids = finish_instruct_output(scratch, inputs, merge_config, trust_remote_code=options.trust_remote_code)
-        report = _write_diagnostics(scratch, collector, inputs) if collector else None
+        report = _write_diagnostics(scratch, collector, inputs, auto_rows) if collector else None
         if options.write_model_card:
             card = generate_card(config=merge_config, config_yaml=config_source, name=os.path.basename(os.path.abspath(out_path)))
             extra = report.card_section() if report else None
             with open(os.path.join(scratch, "README.md"), "w", encoding="utf-8") as handle:
-                handle.write(card + card_section(inputs, ids, extra=extra))
+                handle.write(card + card_section(inputs, ids, extra=extra, auto_rows=auto_rows))
         _move_into_place(scratch, out_path)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -351,24 +351,27 @@ def test_sigterm_saves_a_checkpoint_refuses_a_second_run_and_resumes_equal(tiny_
     done = subprocess.run(_pretrain_command(tiny_family.base, corpus, whole, 40), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    process = subprocess.Popen(_pretrain_command(tiny_family.base, corpus, stopped, 40), env=env,
+    marker = str(tmp_path / "paused")  # tests/pause_hook holds the run at step 5 until the test says go
+    hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pause_hook")
+    process = subprocess.Popen(_pretrain_command(tiny_family.base, corpus, stopped, 40),
+                               env=dict(env, PYTHONPATH=hook, FINMERGE_TEST_PAUSE=f"step5:{marker}"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = os.path.join(stopped, "checkpoints", "checkpoint-4", "trainer_state.json")
     deadline = time.time() + 300
-    while not os.path.exists(first) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    assert process.poll() is None, "the run ended before it could be stopped"
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and os.path.exists(marker), "the run did not reach step 5"
     second = finmerge("pretrain", "--model", tiny_family.base, "--data", corpus, "--output", stopped,
                       "--max-steps", "40", *TRAIN_ARGS)
     assert second.returncode == 1 and f"another pretraining run (process {process.pid}) is writing" in second.stderr
 
     process.send_signal(signal.SIGTERM)
+    open(marker + ".go", "w").close()
     _, err = process.communicate(timeout=300)
     assert process.returncode == 143, err[-3000:]
     message = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(message) == 1 and "finmerge pretrain stopped by SIGTERM (exit status 143); training saved" in message[0]
     saved = int(message[0].split("(step ")[1].split(" ")[0])
-    assert 4 <= saved < 40 and os.path.isdir(os.path.join(stopped, "checkpoints", f"checkpoint-{saved}"))
+    assert saved == 5 and os.path.isdir(os.path.join(stopped, "checkpoints", f"checkpoint-{saved}"))
     assert not os.path.exists(os.path.join(stopped, "training_summary.json"))
     assert not os.path.exists(os.path.join(str(tmp_path), ".stopped.lock"))
 

@@ -6,7 +6,7 @@ The JSON layout is documented in the README ("Independence diagnostics"); SCHEMA
 import os
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.heatmap import draw_heatmap
@@ -41,13 +41,15 @@ def _version() -> str:
 
 
 def build_data(agg: Aggregates, skipped: Dict[str, str], models: Dict[str, str], source: str,
-               weights: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+               weights: Optional[Dict[str, Any]] = None,
+               instruct_rows: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     return {
         "schema": SCHEMA,
         "finmerge_version": _version(),
         "source": source,
         "models": dict(models),
         "weights": weights,
+        "instruct_rows": instruct_rows,
         "verdict": verdict(agg),
         "overall": agg.overall.as_dict(),
         "by_module": [{"module": m, **s.as_dict()} for m, s in agg.by_module.items()],
@@ -105,17 +107,21 @@ def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str])
     if undefined:
         lines += [f"Cosine undefined (a zero task vector) in {len(undefined)} tensor(s): "
                   + ", ".join(f"`{n}`" for n in undefined[:TOP_TENSORS]) + (" …" if len(undefined) > TOP_TENSORS else ""), ""]
+    if data.get("instruct_rows"):
+        lines += ["## Rows that took only the instruction vector (`instruct_rows: auto`)", "",
+                  ", ".join(f"{r['id']} `{r['token']}`" for r in data["instruct_rows"]), ""]
     if data["skipped"]:
         lines += ["## Not measured", "", *[f"- `{s['name']}`: {s['reason']}" for s in data["skipped"]], ""]
     return "\n".join(lines)
 
 
 def write_report(folder: str, collector: StatsCollector, models: Dict[str, str], source: str,
-                 weights: Optional[Dict[str, Any]] = None) -> Report:
+                 weights: Optional[Dict[str, Any]] = None,
+                 instruct_rows: Optional[List[Dict[str, Any]]] = None) -> Report:
     """Write diagnostics.json, diagnostics.md and (with matplotlib) diagnostics.png into `folder`."""
     os.makedirs(folder, exist_ok=True)
     agg = Aggregates(collector.tensors())
-    data = build_data(agg, collector.skipped(), models, source, weights)
+    data = build_data(agg, collector.skipped(), models, source, weights, instruct_rows)
     note = draw_heatmap(agg, os.path.join(folder, PNG_NAME)) if agg.tensors else "no tensors were measured"
     data["heatmap"] = PNG_NAME if note is None else None
     # undefined values are null, never NaN; keys in the documented order

@@ -4,7 +4,9 @@ A test puts this folder on PYTHONPATH and sets FINMERGE_TEST_PAUSE=WHERE:MARKER.
 `sitecustomize` at start-up; at WHERE the process writes MARKER (the test waits for it) and sleeps,
 so the signal the test then sends arrives while that step is in progress:
 - `swap`: a domain_instruct merge, its scratch folder complete, just before it is moved into OUT;
-- `measure`: `finmerge diagnose`, before the first tensor is measured.
+- `measure`: `finmerge diagnose`, before the first tensor is measured;
+- `step5`: pretraining, at the start of optimizer step 5; it goes on once MARKER.go exists (the
+  test creates it after sending its signal: a signal that only sets a flag does not end a sleep).
 Everything else runs the real code.
 """
 
@@ -24,7 +26,26 @@ def _pausing(function):
     return paused
 
 
-if _WHERE == "swap":
+def _pause_until_go():
+    with open(_MARKER, "w", encoding="utf-8") as handle:
+        handle.write(str(os.getpid()))
+    deadline = time.time() + 300
+    while not os.path.exists(_MARKER + ".go") and time.time() < deadline:
+        time.sleep(0.05)
+
+
+if _WHERE == "step5":
+    import transformers
+
+    _training_step = transformers.Trainer.training_step
+
+    def _step(self, *args, **kwargs):
+        if self.state.global_step == 4 and not os.path.exists(_MARKER):
+            _pause_until_go()
+        return _training_step(self, *args, **kwargs)
+
+    transformers.Trainer.training_step = _step
+elif _WHERE == "swap":
     import finmerge.plugins.run as _run
 
     _run._move_into_place = _pausing(_run._move_into_place)
