@@ -46,35 +46,25 @@ def parse_recipe(path: str, data: Dict[str, Any]):
 @click.option("--allow-pickle", is_flag=True, help="Accept pickled .bin weights (loading a pickle can run code). Default: safetensors only.")
 @click.option("--remove-stale", is_flag=True, help="Remove scratch folders (.OUT.partial-PID) that killed merges into OUT "
               "left behind (only those whose process is gone). Without it they are only reported.")
+@click.option("--no-diagnostics", is_flag=True, help="Skip the independence statistics and their report in OUT "
+              "(FINMERGE_NO_DIAGNOSTICS=1 under plain mergekit-yaml).")
 @add_merge_options
 def merge(merge_options: MergeOptions, config_file: str, out_path: str, overwrite: bool, allow_pickle: bool,
-          remove_stale: bool):
+          remove_stale: bool, no_diagnostics: bool):
     """Merge CONFIG_FILE (a mergekit recipe) into OUT_PATH; accepts every mergekit-yaml option.
 
     For `merge_method: domain_instruct` the recipe is checked before any tensor is read, the output
     carries the instruct model's tokenizer, chat template and eos, and OUT appears only once done.
     """
-    from finmerge.plugins import METHOD_NAME, register
+    from finmerge.plugins.run import MergeFlags
+    from finmerge.plugins.run import merge as run
 
-    source_data = load_recipe(config_file)
-    config = parse_recipe(config_file, source_data)
+    config = parse_recipe(config_file, load_recipe(config_file))
     with open(config_file, encoding="utf-8") as handle:
         source = handle.read()
-    if config.merge_method != METHOD_NAME:
-        from mergekit import merge as mergekit_merge
-
-        merge_options.apply_global_options()
-        mergekit_merge.run_merge(config, out_path, options=merge_options, config_source=source)
-        return
-    register()  # says why if domain_instruct cannot be installed into this mergekit
-    from mergekit import merge as mergekit_merge
-
-    from finmerge.plugins.run import run_domain_instruct
-
-    merge_options.apply_global_options()
-    original = mergekit_merge.run_merge.__finmerge_wrapped__
+    flags = MergeFlags(overwrite=overwrite, allow_pickle=allow_pickle, remove_stale=remove_stale,
+                       diagnostics=not no_diagnostics)
     try:
-        run_domain_instruct(original, config, out_path, merge_options, source, overwrite=overwrite,
-                            allow_pickle=allow_pickle, remove_stale=remove_stale)
+        run(config, out_path, merge_options, flags, config_source=source)
     except RecipeError as error:
         raise click.ClickException(f"{config_file}: {' '.join(str(error).split())}") from error

@@ -146,17 +146,18 @@ def wrap_run_merge(merge_module) -> None:
 
         if merge_config.merge_method != METHOD_NAME:
             return original(merge_config, out_path, options=options, config_source=config_source, **kwargs)
-        if not _under_a_mergekit_command():  # finmerge's commands and library callers handle errors and signals
-            from finmerge.plugins.run import run_domain_instruct
+        from finmerge.plugins.run import MergeFlags, run_domain_instruct
 
-            return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
-        return _run_under_mergekit_command(original, merge_config, out_path, options, config_source, **kwargs)
+        flags = MergeFlags.from_environment()  # how plain mergekit-yaml (and run_merge's callers) set them
+        if not _under_a_mergekit_command():  # library callers handle errors and signals themselves
+            return run_domain_instruct(original, merge_config, out_path, options, config_source, flags, **kwargs)
+        return _run_under_mergekit_command(original, merge_config, out_path, options, config_source, flags, **kwargs)
 
     run_merge.__finmerge_wrapped__ = original
     merge_module.run_merge = run_merge
 
 
-def _run_under_mergekit_command(original, merge_config, out_path, options, config_source, **kwargs):
+def _run_under_mergekit_command(original, merge_config, out_path, options, config_source, flags, **kwargs):
     """mergekit-yaml is a click command: our errors become one `Error: ...` line and exit status 1;
     Ctrl-C and SIGTERM one line and 130 / 143, after the merge removed its scratch folder and lock."""
     import click
@@ -166,7 +167,7 @@ def _run_under_mergekit_command(original, merge_config, out_path, options, confi
 
     try:
         with sigterm_raises():
-            return run_domain_instruct(original, merge_config, out_path, options, config_source, **kwargs)
+            return run_domain_instruct(original, merge_config, out_path, options, config_source, flags, **kwargs)
     except BaseException as error:
         stop = stop_of(error)
         if stop is not None:
@@ -176,6 +177,13 @@ def _run_under_mergekit_command(original, merge_config, out_path, options, confi
         if message is None or os.environ.get("FINMERGE_DEBUG"):
             raise
         raise click.ClickException(message) from error
+
+
+def unwrapped_run_merge():
+    """mergekit's own `run_merge`, as it was before this hook wrapped it."""
+    import mergekit.merge
+
+    return getattr(mergekit.merge.run_merge, "__finmerge_wrapped__", mergekit.merge.run_merge)
 
 
 def install_into_loaded_mergekit(force_import: bool = False) -> None:

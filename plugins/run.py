@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit.card import generate_card
@@ -32,10 +33,6 @@ from finmerge.safety.outputs import OutputError
 LOG = logging.getLogger(__name__)
 _TRUE = ("1", "true", "yes")
 _MODEL_KEYS = ("model", "base_model", "tokenizer_source", "source")
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
 
 
 def _absolute_local_paths(config: MergeConfiguration) -> MergeConfiguration:
@@ -169,25 +166,56 @@ def _out_dtype(config: MergeConfiguration):
     return dtype_from_name(config.out_dtype)
 
 
+@dataclass(frozen=True)
+class MergeFlags:
+    """What a `domain_instruct` merge may do beyond mergekit's own options.
+
+    finmerge's commands set these from their command line; plain `mergekit-yaml` users set them with
+    FINMERGE_* variables, which `from_environment` reads (the only place that reads them).
+    """
+
+    overwrite: bool = False  # replace a non-empty OUT, once the new merge is complete
+    allow_pickle: bool = False  # read pickled .bin weights (unpickling can run code)
+    remove_stale: bool = False  # remove scratch folders that killed merges into OUT left behind
+    diagnostics: bool = True  # measure how independent τ_d and τ_i are, and write the report into OUT
+
+    @classmethod
+    def from_environment(cls, environ: Optional[Dict[str, str]] = None) -> "MergeFlags":
+        environ = os.environ if environ is None else environ
+
+        def on(name: str) -> bool:
+            return environ.get(name, "").strip().lower() in _TRUE
+
+        return cls(overwrite=on("FINMERGE_OVERWRITE"), allow_pickle=on("FINMERGE_ALLOW_PICKLE"),
+                   remove_stale=on("FINMERGE_REMOVE_STALE"), diagnostics=not on("FINMERGE_NO_DIAGNOSTICS"))
+
+
+def merge(merge_config: MergeConfiguration, out_path: str, options: Any, flags: MergeFlags = MergeFlags(),
+          config_source: Optional[str] = None) -> None:
+    """Merge in this process, the one way finmerge's commands do: `domain_instruct` checked, locked and
+    all or nothing with `flags`; any other method is mergekit's own run_merge, untouched."""
+    from finmerge.plugins import METHOD_NAME, register
+    from finmerge.plugins.autoload import unwrapped_run_merge
+
+    options.apply_global_options()
+    if merge_config.merge_method != METHOD_NAME:
+        unwrapped_run_merge()(merge_config, out_path, options=options, config_source=config_source)
+        return
+    register()  # says why if domain_instruct cannot be installed into this mergekit
+    run_domain_instruct(unwrapped_run_merge(), merge_config, out_path, options, config_source, flags)
+
+
 def run_domain_instruct(
     original_run_merge: Callable[..., Any],
     merge_config: MergeConfiguration,
     out_path: str,
     options: Any,
     config_source: Optional[str] = None,
-    *,
-    overwrite: Optional[bool] = None,
-    allow_pickle: Optional[bool] = None,
-    remove_stale: Optional[bool] = None,
+    flags: MergeFlags = MergeFlags(),
 ) -> None:
-    """A checked, locked, all-or-nothing `domain_instruct` merge into `out_path`.
-
-    Flags left as None come from FINMERGE_OVERWRITE, FINMERGE_ALLOW_PICKLE and FINMERGE_REMOVE_STALE
-    (how plain `mergekit-yaml` users set them).
-    """
-    overwrite = _env_flag("FINMERGE_OVERWRITE") if overwrite is None else overwrite
-    allow_pickle = _env_flag("FINMERGE_ALLOW_PICKLE") if allow_pickle is None else allow_pickle
-    remove_stale = _env_flag("FINMERGE_REMOVE_STALE") if remove_stale is None else remove_stale
+    """A checked, locked, all-or-nothing `domain_instruct` merge into `out_path` (mergekit's `run_merge`
+    is `original_run_merge`)."""
+    overwrite, allow_pickle, remove_stale = flags.overwrite, flags.allow_pickle, flags.remove_stale
     merge_config = _absolute_local_paths(merge_config)
     inputs = preflight(
         merge_config, out_path,
@@ -200,12 +228,13 @@ def run_domain_instruct(
     with out_lock(out_path):
         check_output_path(out_path, overwrite, input_paths(merge_config))  # again: another merge may have just finished
         handle_stale_scratch(out_path, remove_stale)
-        _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs, auto_rows)
+        _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs, auto_rows,
+                          flags.diagnostics)
 
 
 def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: MergeConfiguration, out_path: str,
                       options: Any, config_source: Optional[str], inputs: MergeInputs,
-                      auto_rows: Optional[List[Tuple[int, str]]] = None) -> None:
+                      auto_rows: Optional[List[Tuple[int, str]]] = None, diagnostics: bool = True) -> None:
     config_source = config_source or merge_config.to_yaml()
     scratch = _scratch_path(out_path)
     shutil.rmtree(scratch, ignore_errors=True)  # ours (this PID), from an earlier merge in this process
@@ -213,7 +242,7 @@ def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: Merg
     report = None
     collector = None
     preloading = contextlib.nullcontext()
-    if not _env_flag("FINMERGE_NO_DIAGNOSTICS"):
+    if diagnostics:
         from finmerge.plugins.diagnostics import StatsCollector
         from finmerge.plugins.diagnostics.heatmap import matplotlib_preloaded
 
