@@ -186,8 +186,6 @@ class Fakes:
     """Stand-ins for the heavy work of each stage that record what they were given (flags, env, calls)."""
 
     def __init__(self, monkeypatch):
-        import types
-
         import finmerge.evaluation.run as evaluation
         import finmerge.pretrain.train as train
         import finmerge.reproduce.run as run
@@ -195,7 +193,7 @@ class Fakes:
 
         self.calls = []
         monkeypatch.setattr(train, "run_pretraining", self.pretrain)
-        monkeypatch.setattr(run, "subprocess", types.SimpleNamespace(run=self.mergekit_yaml))
+        monkeypatch.setattr(run, "run_child", self.mergekit_yaml)
         monkeypatch.setattr(evaluation, "evaluate", self.evaluate)
         monkeypatch.setattr(sweep, "run_sweep", self.sweep)
         monkeypatch.setattr(sweep, "write_sweep", lambda result, folder: None)
@@ -214,7 +212,7 @@ class Fakes:
         os.makedirs(out)  # as mergekit-yaml does: the folder appears when the merge is done
         with open(os.path.join(out, "model.safetensors"), "w") as handle:
             handle.write("merged")
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
     def evaluate(self, models, settings, progress=None):
         self.calls.append(("eval", {"trust_remote_code": settings.trust_remote_code, "allow_pickle": settings.allow_pickle}))
