@@ -31,14 +31,18 @@ def remote_class_ref(model_config, trust_remote_code: bool) -> Optional[str]:
 
 
 def causal_lm_class(path: str, model_config, trust_remote_code: bool):
-    """The class AutoModelForCausalLM builds for `path`, the same on every load in a process."""
+    """The class AutoModelForCausalLM builds for `path`, the same on every load in a process; None when
+    transformers has no causal-LM class for the config (from_pretrained then says so itself)."""
     from transformers import AutoModelForCausalLM
 
     class_ref = remote_class_ref(model_config, trust_remote_code)
     if class_ref is None:
         from transformers.models.auto.auto_factory import _get_model_class
 
-        return _get_model_class(model_config, AutoModelForCausalLM._model_mapping)
+        try:
+            return _get_model_class(model_config, AutoModelForCausalLM._model_mapping)
+        except (KeyError, ValueError):
+            return None
     from transformers.dynamic_module_utils import get_class_from_dynamic_module
     from transformers.models.auto.auto_factory import add_generation_mixin_to_remote_model
 
@@ -63,7 +67,7 @@ def attention_values(model_class) -> List[str]:
 def check_attention(requested: Optional[str], model_class, model_name: str,
                     error: Type[InputError] = InputError, option: str = "--attn_implementation") -> None:
     """Refuse an attention backend the model class does not declare, before anything is loaded."""
-    if not requested:
+    if not requested or model_class is None:
         return
     known = ("eager", "sdpa", "flex_attention") + FLASH
     values = attention_values(model_class)
@@ -85,7 +89,7 @@ def load_causal_lm(path: str, model_config, trust_remote_code: bool, model_name:
     check_attention(kwargs.get("attn_implementation"), model_class, model_name or path, error)
     # transformers' own classes load through the auto class (adapters, composite configs); remote code through
     # the class its first load would get
-    loader = model_class if _is_remote(model_class) else AutoModelForCausalLM
+    loader = model_class if model_class is not None and _is_remote(model_class) else AutoModelForCausalLM
     model = loader.from_pretrained(path, config=model_config, trust_remote_code=trust_remote_code, **kwargs)
     if _is_remote(type(model)):
         restore_head_mask(model)

@@ -42,6 +42,8 @@ meet on nekomata. It MIRRORS:
 - `prepare_inputs_for_generation` (drops the prompt to its last token when given any truthy cache,
   drops attention_mask for a batch of one) and its own `generate` (pops `stop_words_ids`, passes
   generation_config explicitly to GenerationMixin.generate);
+- RotaryEmbedding rebuilding its non-persistent inv_freq on first use (transformers 5 leaves it
+  uninitialized after loading);
 - QWenLMHeadModel.__init__ picking the precision when config.json sets none of bf16/fp16/fp32 (bf16 or
   fp16 on a GPU, fp32 otherwise, written into the config) and converting itself to it;
 - the tokenizer's `_decode`: skip_special_tokens drops every id from `<|endoftext|>` on.
@@ -204,18 +206,35 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for positions 0..seq_len-1: Qwen-v1 numbers positions itself and never reads position_ids."""
+    """cos/sin for positions 0..seq_len-1: Qwen-v1 numbers positions itself and never reads position_ids.
+
+    As Qwen-v1's, inv_freq is a non-persistent buffer rebuilt (with the cos/sin cache) the first time a
+    longer sequence comes: transformers 5 leaves such buffers uninitialized after from_pretrained, and
+    this rebuild is what keeps the released code right all the same."""
 
     def __init__(self, dim, base=10000):
         super().__init__()
+        self.dim = dim
+        self.base = base
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rotary_pos_emb_cache = None
+        self._seq_len_cached = 0
+
+    def update_rotary_pos_emb_cache(self, seq_len):
+        if seq_len > self._seq_len_cached:
+            device = self.inv_freq.device
+            self.inv_freq = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, device=device).float() / self.dim))
+            self._seq_len_cached = max(2 * seq_len, 16)
+            positions = torch.arange(self._seq_len_cached, device=device, dtype=torch.float32)
+            freqs = torch.outer(positions, self.inv_freq)
+            angles = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]  # (1, seq, 1, head_dim)
+            self._rotary_pos_emb_cache = [angles.cos(), angles.sin()]
 
     def forward(self, seq_len):
-        positions = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.float())
-        angles = torch.cat((freqs, freqs), dim=-1)[None, :, None, :]  # (1, seq, 1, head_dim)
-        return [angles.cos(), angles.sin()]
+        self.update_rotary_pos_emb_cache(seq_len)
+        cos, sin = self._rotary_pos_emb_cache
+        return [cos[:, :seq_len], sin[:, :seq_len]]
 
 
 def _rotate_half(x):
