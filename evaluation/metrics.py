@@ -16,6 +16,7 @@ import torch
 
 from finmerge.evaluation.data import QAItem
 from finmerge.evaluation.devices import input_device
+from finmerge.pretrain.remote_code import generation_cache_kwargs
 
 Progress = Optional[Callable[[int], None]]  # called with the number of sequences just processed
 
@@ -161,6 +162,7 @@ def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Op
     correct = ended = strict = 0
     samples = []
     device = input_device(model)
+    cache = generation_cache_kwargs(model)
     prompts = [chat_prompt_ids(tokenizer, item.question, chat_template) for item in items]
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     answers: Dict[int, List[int]] = {}
@@ -171,7 +173,7 @@ def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Op
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch_prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=eos or None, pad_token_id=pad)[:, width:].tolist()
+                                   eos_token_id=eos or None, pad_token_id=pad, **cache)[:, width:].tolist()
         answers.update(zip(batch_order, generated))
         if progress:
             progress(len(batch_order))

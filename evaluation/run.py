@@ -40,9 +40,10 @@ def load_model(path: str, trust_remote_code: bool = False, allow_pickle: bool = 
                dtype: str = "fp32"):
     import glob
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from finmerge.evaluation.devices import load_kwargs, place
+    from finmerge.pretrain.remote_code import check_dtype, load_causal_lm
 
     if os.path.isdir(path) and not glob.glob(os.path.join(path, "*.safetensors")) and not glob.glob(os.path.join(path, "*.bin")):
         raise ModelLoadError(f"cannot load model {path}: the folder holds no weights (*.safetensors); point at a complete "
@@ -50,14 +51,19 @@ def load_model(path: str, trust_remote_code: bool = False, allow_pickle: bool = 
     if not allow_pickle and os.path.isdir(path) and not glob.glob(os.path.join(path, "*.safetensors")):
         raise ModelLoadError(f"cannot load model {path}: no *.safetensors weights; pickled .bin weights are read only "
                              "with --allow-pickle (unpickling can run code)")
+    kwargs = load_kwargs(device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=None if allow_pickle else True, **load_kwargs(device, dtype))
+        model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = load_causal_lm(path, model_config, trust_remote_code, error=ModelLoadError,
+                               use_safetensors=None if allow_pickle else True, **kwargs)
+    except ModelLoadError:
+        raise
     except Exception as error:
         first_line = (str(error).splitlines() or [""])[0]
         raise ModelLoadError(f"cannot load model {path}: {type(error).__name__}: {first_line}; check that the folder "
                              "holds a transformers checkpoint (config.json, tokenizer, weights)") from error
+    check_dtype(model, kwargs["dtype"], path, error=ModelLoadError)
     return place(model, device).eval(), tokenizer
 
 

@@ -14,6 +14,7 @@
     distributed.py    FSDP wrap-class check
     summary.py        perplexity, loss curve, plot
     train.py          run_pretraining: the steps above, in order
+    remote_code.py    loading models that bring their own code (attention, dtype, generate under transformers 5)
     options_doc.py    writes the options table of docs/pretrain.md from PretrainConfig
 
 Entry points: `build_config(config_file=None, overrides=None, *, trust_remote_code=False, allow_pickle=False)`

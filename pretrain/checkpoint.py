@@ -74,8 +74,14 @@ def convert_weights(folder: str, dtype_name: str) -> None:
     atomic_write_json(config_path, saved)
 
 
+RESTORED_FROM_BASE = ("use_cache", "bf16", "fp16", "fp32", "use_flash_attn")
+
+
 def finish_checkpoint(output: str, base_folder: str, save_dtype: Optional[str]) -> None:
-    """Make OUT's config.json match the base (Trainer flips use_cache), drop pickles, save in `save_dtype`."""
+    """Make OUT's config.json match the base where loading or training rewrote it, drop pickles, save in `save_dtype`.
+
+    The Trainer flips use_cache; Qwen-v1's own code records the precision and flash-attn use it picked
+    on this machine (bf16/fp16/fp32, use_flash_attn), which the domain model must not carry elsewhere."""
     for name in ("training_args.bin",):
         path = os.path.join(output, name)
         if os.path.exists(path):
@@ -85,7 +91,7 @@ def finish_checkpoint(output: str, base_folder: str, save_dtype: Optional[str]) 
     base_config = os.path.join(base_folder, "config.json")
     if os.path.isfile(base_config):
         base = _read_json(base_config)
-        for key in ("use_cache",):
+        for key in RESTORED_FROM_BASE:
             if key in base:
                 saved[key] = base[key]
             else:

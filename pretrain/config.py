@@ -70,9 +70,11 @@ class PretrainConfig(TrainingArguments):
     allow_pickle: bool = field(default=False, metadata={
         "help": "Accept a base model stored only as pickled .bin weights (unpickling can run code). Default: "
                 "safetensors only. Command line only."})
-    attn_implementation: Optional[str] = field(default="sdpa", metadata={
-        "help": "Attention backend passed to from_pretrained (sdpa, eager, flash_attention_2, ...); empty for the "
-                "model's default."})
+    attn_implementation: Optional[str] = field(default=None, metadata={
+        "help": "Attention backend requested from from_pretrained (eager, sdpa, flash_attention_2, ...). Default: "
+                "none requested, transformers picks (sdpa where the model declares it, else eager). A value the "
+                "model does not declare is refused with the values that work. Models with their own modeling code "
+                "(Qwen-v1/nekomata) do their attention themselves and declare none: leave it unset."})
     # --- corpus ----------------------------------------------------------------------------------
     data: List[str] = field(default_factory=list, metadata={
         "action": "extend",

@@ -91,23 +91,33 @@ def pack_corpus(config: PretrainConfig, args, tokenizer, domain, replay, run: Di
     return report, load_blocks(os.path.join(data_dir, "train.arrow")), load_blocks(os.path.join(data_dir, "eval.arrow"))
 
 
-def load_model(config: PretrainConfig, tokenizer):
+def check_attention_request(config: PretrainConfig, model_config) -> None:
+    """Refuse an attention backend the base does not declare before the corpus is read (packing can take hours)."""
+    from .remote_code import causal_lm_class, check_attention
+
+    if config.attn_implementation:
+        check_attention(config.attn_implementation, causal_lm_class(config.model, model_config, config.trust_remote_code),
+                        config.model, error=PretrainError)
+
+
+def load_model(config: PretrainConfig, tokenizer, model_config):
     """The base in fp32 (mixed precision, if any, is the Trainer's); document isolation checked on it."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from .packing import check_isolation
+    from .remote_code import check_dtype, load_causal_lm
 
-    load_kwargs = {"dtype": torch.float32, "trust_remote_code": config.trust_remote_code,
-                   "use_safetensors": None if config.allow_pickle else True}
+    load_kwargs = {"dtype": torch.float32, "use_safetensors": None if config.allow_pickle else True}
     if config.attn_implementation:
         load_kwargs["attn_implementation"] = config.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(config.model, **load_kwargs)
+    model = load_causal_lm(config.model, model_config, config.trust_remote_code, error=PretrainError, **load_kwargs)
+    check_dtype(model, torch.float32, config.model, error=PretrainError)
     if config.document_isolation:
         difference = check_isolation(model, tokenizer.eos_token_id, model.get_input_embeddings().weight.shape[0])
         if difference > 1e-3:
+            backend = config.attn_implementation or f"{model.config._attn_implementation} (transformers' pick)"
             raise PretrainError(
-                f"--document-isolation: {config.model} with attn_implementation={config.attn_implementation} ignores "
+                f"--document-isolation: {config.model} with attn_implementation={backend} ignores "
                 f"restarted position_ids (a packed document's logits differ by {difference:.3g} from the document "
                 f"alone). Turn document isolation off (plain causal blocks) or pick a backend that supports packed "
                 f"sequences.")
@@ -217,10 +227,11 @@ def _pretrain(config: PretrainConfig, callbacks: Optional[list]) -> Dict[str, An
         return summary
 
     model_config = check_base_model(config, base_folder)
+    check_attention_request(config, model_config)
     tokenizer = load_tokenizer(config)
     args = trainer_arguments(config)
     report, train_blocks, eval_blocks = pack_corpus(config, args, tokenizer, domain, replay, run, state)
-    model = load_model(config, tokenizer)
+    model = load_model(config, tokenizer, model_config)
 
     from transformers import Trainer
 

@@ -180,15 +180,15 @@ def qwen_merged(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fin_recipe_on_remote_code_models_loads_and_runs(qwen_merged):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from finmerge.evaluation.run import load_model
 
     from qwen_fixture import EOD, code_files, eod_id
 
     paths, out = qwen_merged
     for name in code_files():  # auto_map modules, what they import relatively, the kernel source beside them
         assert os.path.isfile(os.path.join(out, name)), name
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    # Through finmerge's loader: Qwen-v1's code calls get_head_mask, which plain transformers 5 lacks
+    model, tokenizer = load_model(out, trust_remote_code=True, dtype="auto")
     assert type(model).__name__ == "QWenLMHeadModel" and type(tokenizer).__name__ == "QWenTokenizer"
     assert model.dtype == torch.bfloat16 and tokenizer.eos_token == EOD
     assert model.generation_config.eos_token_id == eod_id() and model.generation_config.do_sample  # the instruct's
@@ -259,8 +259,8 @@ def test_fin_recipe_chat_template_renders_the_alpaca_ja_prompt(qwen_merged):
 def test_remote_code_output_loads_in_process(tmp_path):
     """Fast twin of the mergekit-yaml test: OUT of an in-process merge carries every code file and loads."""
     import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finmerge.evaluation.run import load_model
     from qwen_fixture import build_qwen_v1_triplet, code_files
 
     paths = build_qwen_v1_triplet(str(tmp_path / "models"))
@@ -268,8 +268,7 @@ def test_remote_code_output_loads_in_process(tmp_path):
     run_merge(merge, tmp_path / "out", trust_remote_code=True)
     out = str(tmp_path / "out")
     assert all(os.path.isfile(os.path.join(out, n)) for n in code_files())
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    model, tokenizer = load_model(out, trust_remote_code=True)  # finmerge's loader: see the test above
     batch = tokenizer("以下は、金融市場の説明です。", return_tensors="pt")
     assert torch.isfinite(model(**batch).logits).all()
 

@@ -65,13 +65,64 @@ def test_roles_differ_by_small_deterministic_perturbations(triplet, tmp_path):
         assert all(torch.equal(rebuilt[n], t) for n, t in load_tensors(paths[role]).items())
 
 
-def test_each_model_loads_with_remote_code_and_runs(triplet):
+# What released Qwen-v1 modeling_qwen.py (Qwen/Qwen-7B, shipped unchanged by rinna/nekomata-*) declares.
+REAL_FORWARD = ["self", "input_ids", "past_key_values", "attention_mask", "token_type_ids", "position_ids", "head_mask",
+                "inputs_embeds", "encoder_hidden_states", "encoder_attention_mask", "labels", "use_cache",
+                "output_attentions", "output_hidden_states", "return_dict"]
+
+
+def _classes(path):
+    """The fixture's classes as its own module defines them (before any auto class wraps them)."""
+    from transformers import AutoConfig
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    head = get_class_from_dynamic_module(config.auto_map["AutoModelForCausalLM"], path)
+    return head, head.__mro__[1], config
+
+
+def test_class_surface_is_the_released_codes(triplet):
+    """As strict as the real code: nothing transformers 5 would credit it with beyond what Qwen-v1 declares."""
+    import inspect
+
+    from transformers import GenerationMixin, PreTrainedModel
+
+    _, paths = triplet
+    head, pretrained, config = _classes(paths["base"])
+    assert head.__bases__ == (pretrained,) and pretrained.__bases__ == (PreTrainedModel,)
+    assert not issubclass(head, GenerationMixin)
+    for hook in ("_supports_sdpa", "_supports_flash_attn", "_supports_flex_attn"):
+        assert not getattr(head, hook), hook  # PreTrainedModel's own False, never overridden
+        assert hook not in vars(pretrained) and hook not in vars(head)
+    assert pretrained._no_split_modules == ["QWenBlock"] and pretrained.supports_gradient_checkpointing
+    assert pretrained.is_parallelizable is False and pretrained._skip_keys_device_placement == "past_key_values"
+    assert list(inspect.signature(pretrained._set_gradient_checkpointing).parameters) == ["self", "module", "value"]
+    assert "generate" in vars(head) and "prepare_inputs_for_generation" in vars(head)
+    assert list(inspect.signature(head.forward).parameters) == REAL_FORWARD  # and no **kwargs
+    assert (config.bf16, config.fp16, config.fp32, config.use_flash_attn) == (False, False, False, "auto")
+
+
+def test_plain_transformers_5_cannot_run_it_as_it_cannot_run_qwen_v1(triplet):
+    """The released code calls self.get_head_mask (gone in transformers 5) and refuses sdpa; so does the fixture."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, paths = triplet
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        AutoModelForCausalLM.from_pretrained(paths["base"], trust_remote_code=True, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(paths["base"], trust_remote_code=True)
+    assert model.config._attn_implementation == "eager"  # transformers' pick when nothing is declared
+    batch = AutoTokenizer.from_pretrained(paths["base"], trust_remote_code=True)("Hello world", return_tensors="pt")
+    with pytest.raises(AttributeError, match="get_head_mask"):
+        model(**batch)
+
+
+def test_each_model_loads_with_remote_code_and_runs(triplet):
+    from finmerge.evaluation.run import load_model
+    from finmerge.pretrain.remote_code import generation_cache_kwargs
 
     dtype, paths = triplet
     for role in ROLES:
-        model = AutoModelForCausalLM.from_pretrained(paths[role], trust_remote_code=True)
-        tokenizer = AutoTokenizer.from_pretrained(paths[role], trust_remote_code=True)
+        model, tokenizer = load_model(paths[role], trust_remote_code=True, dtype="auto")
         assert type(model).__name__ == "QWenLMHeadModel" and model.dtype == dtype
         assert type(tokenizer).__name__ == "QWenTokenizer"
         assert tokenizer.eos_token == EOD and tokenizer.eos_token_id == eod_id()
@@ -86,18 +137,31 @@ def test_each_model_loads_with_remote_code_and_runs(triplet):
         out = model(**batch, labels=batch.input_ids)
         assert out.logits.shape == (1, batch.input_ids.shape[1], model.config.vocab_size)
         assert torch.isfinite(out.loss) and out.loss.item() > 0
-        generated = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        generated = model.generate(**batch, max_new_tokens=3, do_sample=False, **generation_cache_kwargs(model))
         assert generated.shape[1] == batch.input_ids.shape[1] + 3
 
 
-def test_training_step_reduces_the_loss(tmp_path):
-    """What `finmerge pretrain` needs from the base: a loss from labels that gradients lower (fp32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def test_a_tuple_cache_continues_the_sequence_exactly(tmp_path):
+    """The fixture's own KV cache (tuples, as Qwen-v1's) gives the logits of the full forward."""
+    from finmerge.evaluation.run import load_model
 
-    base = build_qwen_v1_triplet(str(tmp_path))["base"]
-    model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True)
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=True)
+    model, tokenizer = load_model(build_qwen_v1_triplet(str(tmp_path))["base"], trust_remote_code=True)
+    ids = tokenizer("株式会社の決算と利益。", return_tensors="pt").input_ids
+    full = model(input_ids=ids, use_cache=False).logits
+    prefix = model(input_ids=ids[:, :-2], use_cache=True)
+    rest = model(input_ids=ids[:, -2:], past_key_values=prefix.past_key_values, use_cache=True).logits
+    assert isinstance(prefix.past_key_values, tuple)
+    assert torch.allclose(rest, full[:, -2:], atol=1e-5)
+
+
+def test_training_step_reduces_the_loss(tmp_path):
+    """What `finmerge pretrain` needs from the base: a loss from labels that gradients lower (fp32), with
+    activation checkpointing enabled through the transformers-4 hook the released code defines."""
+    from finmerge.evaluation.run import load_model
+
+    model, tokenizer = load_model(build_qwen_v1_triplet(str(tmp_path))["base"], trust_remote_code=True)
     model.activation_checkpointing_enable()
+    assert model.transformer.gradient_checkpointing
     model.train()
     batch = tokenizer("株式会社の決算と利益。" * 3, return_tensors="pt")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
