@@ -69,12 +69,14 @@ def merge(merge_options: MergeOptions, config_file: str, out_path: str, overwrit
     register()  # says why if domain_instruct cannot be installed into this mergekit
     from mergekit import merge as mergekit_merge
 
+    from finmerge.plugins.input_changes import merge_faults
     from finmerge.plugins.run import run_domain_instruct
 
     merge_options.apply_global_options()
     original = mergekit_merge.run_merge.__finmerge_wrapped__
     try:
-        run_domain_instruct(original, config, out_path, merge_options, source, overwrite=overwrite,
-                            allow_pickle=allow_pickle, remove_stale=remove_stale)
+        with merge_faults(out_path, config):
+            run_domain_instruct(original, config, out_path, merge_options, source, overwrite=overwrite,
+                                allow_pickle=allow_pickle, remove_stale=remove_stale)
     except RecipeError as error:
         raise click.ClickException(f"{config_file}: {' '.join(str(error).split())}") from error
