@@ -84,9 +84,11 @@ def pretrain(args):
     try:
         config_file, values, flags = parse_command_line(args)
         config = build_config(config_file, values, **flags)
+        from finmerge.pretrain.output_folder import disk_full_stops_cleanly
         from finmerge.pretrain.train import run_pretraining
 
-        summary = run_pretraining(config)
+        with disk_full_stops_cleanly(config.output_dir):
+            summary = run_pretraining(config)
     except InputError as error:
         raise click.ClickException(" ".join(str(error).split())) from None
     if not summary:  # a non-zero rank under accelerate launch
