@@ -144,7 +144,8 @@ def discard_unfinished(output: str) -> None:
     last_checkpoint(os.path.join(output, CHECKPOINTS), remove_incomplete=True)
     for pattern in ("*.safetensors", "*.safetensors.tmp", "model.safetensors.index.json", "config.json"):
         for path in glob.glob(os.path.join(output, pattern)):
-            os.remove(path)
+            with contextlib.suppress(FileNotFoundError):  # another process of the run may remove it first
+                os.remove(path)
 
 
 @contextlib.contextmanager

@@ -193,6 +193,7 @@ def test_corpus_changed_between_a_kill_and_the_resume_is_refused_naming_the_file
     monkeypatch.undo()
     assert killed.returncode != 0 and os.listdir(os.path.join(out, "checkpoints")) == ["checkpoint-1"], killed.stderr
 
+    original = open(first, encoding="utf-8").read()
     if change == "edited":
         changed = first
         with open(first, "a", encoding="utf-8") as handle:
@@ -205,3 +206,12 @@ def test_corpus_changed_between_a_kill_and_the_resume_is_refused_naming_the_file
 
     message = assert_clean_failure(result, mentions=[changed, out], before=before)
     assert ("changed since the run started" if change == "edited" else "was not in the run") in message
+
+    # the corpus put back: the run resumes from its checkpoint
+    if change == "edited":
+        with open(first, "w", encoding="utf-8") as handle:
+            handle.write(original)
+    else:
+        os.remove(changed)
+    resumed = invoke(_pretrain(tiny_family.base, str(corpus), out))
+    assert resumed.returncode == 0 and "resumed and completed: 2 steps" in resumed.stdout, resumed.stderr[-2000:]

@@ -16,6 +16,7 @@ import safetensors.torch
 from bad_input import assert_clean_failure, invoke, looks_complete
 from finmerge.demo.tiny_models import recipe
 from pretrain_fixtures import finance_documents, write_jsonl
+from finmerge.safety.disk import is_disk_full
 from small_disk import small_disk  # noqa: F401  (fixture)
 
 
@@ -157,14 +158,38 @@ def test_prepared_data_on_a_full_disk_leaves_no_packed_corpus(tiny_family, tmp_p
     assert not [name for name in left if name.endswith((".arrow", ".tmp", "report.json"))], left
 
 
+def test_packing_on_a_full_disk_leaves_no_block_file(tiny_family, tmp_path, small_disk, monkeypatch):
+    """Whatever state OUT is in (a rerun keeps OUT), a failed packing leaves no train/eval file, whole or partial."""
+    from transformers import AutoTokenizer
+
+    from finmerge.pretrain.config import PretrainConfig
+    from finmerge.pretrain.data import build_blocks
+    from finmerge.pretrain.packing import BlockWriter
+    from finmerge.pretrain.sources import resolve_sources
+
+    disk = small_disk(16 << 10)
+    disk.inject(monkeypatch, BlockWriter, "_flush", lambda writer: writer.tmp)
+    data = write_jsonl(str(tmp_path / "corpus.jsonl"), finance_documents(40, seed=5))
+    config = PretrainConfig(model=tiny_family.base, data=[data], output_dir=str(tmp_path / "unused"), seq_len=32,
+                            eval_fraction=0.2)
+    data_dir = os.path.join(disk.folder, "pretrain_data")
+    disk.full = True
+
+    with pytest.raises(Exception) as raised:
+        build_blocks(config, AutoTokenizer.from_pretrained(tiny_family.base), resolve_sources([data]), [], data_dir)
+
+    assert is_disk_full(raised.value, data_dir), raised.value
+    assert os.listdir(data_dir) == []
+
+
 # --- reports ---------------------------------------------------------------------------------------
 
 def _fd_path(fd, *args, **kwargs):
     return os.readlink(f"/proc/self/fd/{fd}")  # the scratch file a report is written through
 
 
-def _report(workdir, note):
-    return {"workdir": workdir, "recipe": "recipe.yml", "merged": "merged", "results": {}, "plots": {}, "note": note}
+def _report(workdir, recipe_file, note):
+    return {"workdir": workdir, "recipe": recipe_file, "merged": "merged", "results": {}, "plots": {}, "note": note}
 
 
 def test_report_on_a_full_disk_keeps_the_previous_report(small_disk, monkeypatch):
@@ -175,12 +200,12 @@ def test_report_on_a_full_disk_keeps_the_previous_report(small_disk, monkeypatch
     disk.inject(monkeypatch, os, "fdopen", _fd_path)
     folder = os.path.join(disk.folder, "run")
     os.makedirs(folder)
-    paths = write_report(_report(folder, "the previous run"))
+    paths = write_report(_report(folder, "recipe.yml", "the previous run"))
     before = {name: open(path).read() for name, path in paths.items()}
     disk.fill(leave=4096)
 
     with pytest.raises(DiskFullError, match="no space left") as raised:
-        write_report(_report(folder, "x" * (256 << 10)))  # on the tmpfs report.md fits, report.json does not
+        write_report(_report(folder, "recipe-2.yml", "x" * (256 << 10)))  # on the tmpfs report.md fits, report.json does not
 
     assert folder + os.sep in str(raised.value) and "unchanged" in str(raised.value)
     assert {name: open(path).read() for name, path in paths.items()} == before, "report.md and .json out of step"
