@@ -1,7 +1,7 @@
 """Inputs that change or break while a merge reads them, and a disk that fills while it writes.
 
 The preflight reads every shard's header and records each weight file's identity (device, inode,
-size, modification and change times). After mergekit has read them all, `check_unchanged` compares:
+size, modification time: what make and rsync trust; a chmod does not count as a change). After mergekit has read them all, `check_unchanged` compares:
 a file rewritten in place or replaced by another one means the merge may hold tensors of two
 versions, so it is refused before it reaches OUT. `merge_faults` turns a failure during the merge
 into one message: a full disk names OUT; a read error whose cause is a shard that no longer passes
@@ -23,7 +23,7 @@ from finmerge.safety.disk import DiskFullError, disk_full_message, is_disk_full
 from finmerge.safety.errors import InputError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.index.json")
-FileState = Tuple[int, int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
+FileState = Tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
 
 def _weight_files(folder: str) -> List[str]:
@@ -36,7 +36,7 @@ def file_states(folders: Dict[str, str]) -> Dict[str, FileState]:
     for folder in folders.values():
         for path in _weight_files(folder):
             info = os.stat(path)
-            states[path] = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            states[path] = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
     return states
 
 
@@ -58,7 +58,7 @@ def changed_files(states: Dict[str, FileState]) -> List[str]:
     for path, before in states.items():
         try:
             info = os.stat(path)
-            now = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+            now = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         except OSError:
             now = None
         if now != before:
