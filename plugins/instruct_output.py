@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit.config import MergeConfiguration
 
+from finmerge.plugins.input_changes import check_unchanged
 from finmerge.plugins.preflight import MergeInputs
 from finmerge.safety.outputs import atomic_write_json
 
@@ -204,6 +205,7 @@ def finish_instruct_output(
 
     Returns the special token ids written into config.json.
     """
+    check_unchanged(inputs.files)  # mergekit has read every weight: were they the files the preflight checked?
     tokenizer_rebuilt = bool(config.tokenizer or config.tokenizer_source)
     if tokenizer_rebuilt:
         copy_remote_code(out_path, inputs, tokenizer=False)  # mergekit saved the tokenizer it built

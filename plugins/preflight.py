@@ -8,13 +8,14 @@ import glob
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 
 from finmerge.plugins import METHOD_NAME
+from finmerge.plugins.input_changes import FileState, file_states
 from finmerge.safety.errors import InputError
 from finmerge.safety.hub import is_hub_id
 from finmerge.safety.outputs import check_output_location
@@ -38,6 +39,7 @@ class MergeInputs:
     paths: Dict[str, str]  # role ("base", "domain", "instruct") -> local folder
     configs: Dict[str, Dict[str, Any]]  # role -> config.json contents
     parameters: Dict[str, Dict[str, Any]]  # role -> the recipe's parameters for that model
+    files: Dict[str, FileState] = field(default_factory=dict)  # weight file -> its identity when checked
 
     def role_of(self, model: ModelReference) -> str:
         return {self.base: "base", self.domain: "domain", self.instruct: "instruct"}[model]
@@ -307,5 +309,5 @@ def preflight(
         _check_shapes({role: tensor_shapes(f) for role, f in files.items()}, paths, vocab_sizes)
     return MergeInputs(
         base=base, domain=roles["domain"], instruct=roles["instruct"],
-        paths=paths, configs=configs, parameters=parameters,
+        paths=paths, configs=configs, parameters=parameters, files=file_states(paths),
     )

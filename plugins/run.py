@@ -24,6 +24,7 @@ from mergekit.config import MergeConfiguration
 
 from finmerge.plugins.chat_rows import describe, resolve_auto_rows
 from finmerge.plugins.collector import collecting
+from finmerge.plugins.input_changes import merge_faults
 from finmerge.plugins.method import saved_dtype
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
 from finmerge.plugins.preflight import MergeInputs, check_output_path, input_paths, preflight
@@ -228,8 +229,9 @@ def run_domain_instruct(
     with out_lock(out_path):
         check_output_path(out_path, overwrite, input_paths(merge_config))  # again: another merge may have just finished
         handle_stale_scratch(out_path, remove_stale)
-        _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs, auto_rows,
-                          flags.diagnostics)
+        with merge_faults(out_path, merge_config):  # a full disk names OUT, a shard broken mid-merge its file
+            _merge_into_place(original_run_merge, merge_config, out_path, options, config_source, inputs, auto_rows,
+                              flags.diagnostics)
 
 
 def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: MergeConfiguration, out_path: str,

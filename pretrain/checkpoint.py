@@ -65,7 +65,12 @@ def convert_weights(folder: str, dtype_name: str) -> None:
         if all(t.dtype == dtype or not t.is_floating_point() for t in tensors.values()):
             continue
         tensors = {k: (t.to(dtype) if t.is_floating_point() else t).contiguous() for k, t in tensors.items()}
-        save_file(tensors, path + ".tmp", metadata=metadata)
+        try:
+            save_file(tensors, path + ".tmp", metadata=metadata)
+        except BaseException:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise
         os.replace(path + ".tmp", path)
     config_path = os.path.join(folder, "config.json")
     saved = _read_json(config_path)

@@ -107,9 +107,19 @@ def build_blocks(config, tokenizer, domain: List[Source], replay: List[Source], 
         for ids in interleave_replay(domain_train(), replay_docs, config.replay_ratio if replay else 0.0, counts):
             for block in packer.add(ids):
                 train_writer.write(block)
-    finally:
+    except BaseException:
+        train_writer.abort()  # a half-written train.arrow must not be mistaken for the packed corpus
+        eval_writer.abort()
+        raise
+    try:
         train_writer.close()
         eval_writer.close()
+    except BaseException:
+        for writer in (train_writer, eval_writer):
+            writer.abort()
+            if os.path.exists(writer.path):
+                os.remove(writer.path)
+        raise
 
     train_tokens = train_writer.count * seq_len
     report = {

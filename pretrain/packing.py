@@ -215,10 +215,24 @@ class BlockWriter:
         self.pending = []
 
     def close(self) -> None:
-        self._flush()
-        self.writer.close()
-        self.sink.close()
+        """Finish the file and only then give it its name: a failed write never leaves a `*.arrow`."""
+        try:
+            self._flush()
+            self.writer.close()
+            self.sink.close()
+        except BaseException:
+            self.abort()
+            raise
         os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the unfinished file (after a failed write, e.g. a full disk)."""
+        try:
+            self.sink.close()
+        except OSError:
+            pass  # its buffered bytes cannot be written either; the file goes anyway
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
 
 
 def load_blocks(path: str):

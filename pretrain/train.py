@@ -197,6 +197,8 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
     One run per output folder: a second `finmerge pretrain` into it is refused while this one runs
     (the processes of one distributed run share it: process 0 holds the lock).
     """
+    from .output_folder import disk_full_stops_cleanly
+
     config.validate()
     if config.process_index != 0:
         return _pretrain(config, callbacks)
@@ -205,7 +207,7 @@ def run_pretraining(config: PretrainConfig, callbacks: Optional[list] = None) ->
     lock = lock_beside(config.output_dir)
     busy = (lambda holder: f"another pretraining run (process {holder}) is writing {os.path.abspath(config.output_dir)} "
                            f"now (lock {lock}); wait for it to finish, or choose another --output_dir")
-    with exclusive(lock, busy):
+    with exclusive(lock, busy), disk_full_stops_cleanly(config.output_dir):  # a full disk: one error naming OUT
         return _pretrain(config, callbacks)
 
 

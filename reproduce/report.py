@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from finmerge.evaluation.run import markdown_table
 from finmerge.reproduce.recipe import Reproduction
-from finmerge.safety.outputs import atomic_write_json, atomic_write_text
+from finmerge.safety.outputs import atomic_write_files, json_text
 
 
 def _load(path: str) -> Optional[Any]:
@@ -115,6 +115,5 @@ def render(report: Dict[str, Any], title: str = "finmerge reproduction") -> str:
 
 def write_report(report: Dict[str, Any], title: str = "finmerge reproduction") -> Dict[str, str]:
     paths = {"md": os.path.join(report["workdir"], "report.md"), "json": os.path.join(report["workdir"], "report.json")}
-    atomic_write_text(paths["md"], render(report, title))
-    atomic_write_json(paths["json"], report, sort_keys=False)
+    atomic_write_files({paths["md"]: render(report, title), paths["json"]: json_text(report, sort_keys=False)})
     return paths

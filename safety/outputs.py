@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 from finmerge.safety.errors import InputError
 
@@ -83,19 +83,41 @@ def remove_owned(path: str, what: str = "output") -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write `path` so a reader sees the old file or the whole new one, never half of it."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, scratch = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    """Write `path` so a reader sees the old file or the whole new one, never half of it.
+
+    A full disk is one error naming the file, and the previous file (if any) is left as it was."""
+    atomic_write_files({path: text})
+
+
+def atomic_write_files(files: Dict[str, str]) -> None:
+    """Write several text files (e.g. a report's .md and .json) all or none: each is written to a scratch
+    file beside it first, and only when all are written are they renamed into place. A failure (a full
+    disk: one error naming the file) leaves every previous file as it was and no scratch file."""
+    from finmerge.safety.disk import writing
+
+    scratches: Dict[str, str] = {}
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(scratch, path)
+        for path, text in files.items():
+            folder = os.path.dirname(os.path.abspath(path))
+            kept = "the previous files are unchanged" if any(os.path.exists(p) for p in files) else "nothing was written"
+            with writing(folder, os.path.abspath(path), kept):
+                handle, scratch = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+                scratches[path] = scratch
+                with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                    stream.write(text)
+        for path, scratch in scratches.items():
+            os.replace(scratch, path)
     except BaseException:
-        if os.path.exists(scratch):
-            os.remove(scratch)
+        for scratch in scratches.values():
+            if os.path.exists(scratch):
+                os.remove(scratch)
         raise
 
 
-def atomic_write_json(path: str, data: Any, **dump_options: Any) -> None:
+def json_text(data: Any, **dump_options: Any) -> str:
     options = {"indent": 2, "sort_keys": True, "default": str, **dump_options}
-    atomic_write_text(path, json.dumps(data, **options) + "\n")
+    return json.dumps(data, **options) + "\n"
+
+
+def atomic_write_json(path: str, data: Any, **dump_options: Any) -> None:
+    atomic_write_text(path, json_text(data, **dump_options))

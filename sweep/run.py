@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence
 
 from finmerge.evaluation.run import EvalSettings, evaluate
 from finmerge.safety.errors import InputError
+from finmerge.safety.outputs import atomic_write_files
 
 # Variants, each expressed in the recipe itself so plain `mergekit-yaml` merges it:
 # - paper: the two weights everywhere;
@@ -223,11 +224,9 @@ def write_sweep(sweep: Dict, folder: str) -> Dict[str, str]:
     os.makedirs(folder, exist_ok=True)
     paths = {"json": os.path.join(folder, "sweep.json"), "md": os.path.join(folder, "sweep.md"),
              "png": os.path.join(folder, "sweep.png"), "recipe": os.path.join(folder, "best-recipe.yml")}
-    with open(paths["json"], "w") as handle:
-        json.dump(sweep, handle, indent=2)
-    with open(paths["md"], "w") as handle:
-        handle.write(sweep_markdown(sweep) + "\n")
-    with open(paths["recipe"], "w") as handle:
-        yaml.safe_dump(sweep["best"]["recipe"], handle, sort_keys=False)
+    # the results all or none (a full disk leaves the previous ones); the plot first, it is not the result
     heatmap(sweep, paths["png"])
+    atomic_write_files({paths["md"]: sweep_markdown(sweep) + "\n",
+                        paths["recipe"]: yaml.safe_dump(sweep["best"]["recipe"], sort_keys=False),
+                        paths["json"]: json.dumps(sweep, indent=2)})
     return paths

@@ -12,7 +12,7 @@ from finmerge.plugins.diagnostics.aggregate import Aggregates
 from finmerge.plugins.diagnostics.heatmap import draw_heatmap
 from finmerge.plugins.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
 from finmerge.plugins.diagnostics.stats import StatsCollector
-from finmerge.safety.outputs import atomic_write_json, atomic_write_text
+from finmerge.safety.outputs import atomic_write_files, json_text
 
 SCHEMA = "finmerge.diagnostics/2"
 JSON_NAME, MD_NAME, PNG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.png"
@@ -125,7 +125,8 @@ def write_report(folder: str, collector: StatsCollector, models: Dict[str, str],
     note = draw_heatmap(agg, os.path.join(folder, PNG_NAME)) if agg.tensors else "no tensors were measured"
     data["heatmap"] = PNG_NAME if note is None else None
     # undefined values are null, never NaN; keys in the documented order
-    atomic_write_json(os.path.join(folder, JSON_NAME), data, indent=1, allow_nan=False, ensure_ascii=False,
-                      sort_keys=False, default=None)
-    atomic_write_text(os.path.join(folder, MD_NAME), markdown(agg, data, note))
+    atomic_write_files({
+        os.path.join(folder, JSON_NAME): json_text(data, indent=1, allow_nan=False, ensure_ascii=False,
+                                                   sort_keys=False, default=None),
+        os.path.join(folder, MD_NAME): markdown(agg, data, note)})
     return Report(agg, data, data["heatmap"])
