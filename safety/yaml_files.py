@@ -1,6 +1,6 @@
 """Reading a user's YAML file: safe_load only, and every way it can be unreadable said in one line."""
 
-from typing import Any, Type
+from typing import Any, Optional, Sequence, Tuple, Type, Union
 
 from finmerge.safety.errors import InputError
 
@@ -26,3 +26,27 @@ def load_yaml(path: str, what: str = "file", error: Type[InputError] = InputErro
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(failure, "problem", None) or str(failure).splitlines()[0]
         raise error(f"{what} {path} is not valid YAML{where} ({' '.join(str(problem).split())}); fix the file") from None
+
+
+def position(path: str, keys: Sequence[Union[str, int]]) -> Optional[Tuple[int, int]]:
+    """(line, column), 1-based, where the value at `keys` (mapping keys and list indexes) is written in the
+    YAML file `path`; the deepest part of `keys` the file has. None if the file cannot be read again."""
+    import yaml
+
+    try:
+        with open(path, "rb") as handle:
+            node = yaml.compose(handle.read().decode("utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    found = node
+    for key in keys:
+        if isinstance(node, yaml.MappingNode):
+            node = next((value for name, value in node.value if name.value == str(key)), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+        else:
+            node = None
+        if node is None:
+            break
+        found = node
+    return (found.start_mark.line + 1, found.start_mark.column + 1) if found is not None else None
