@@ -162,8 +162,12 @@ END = "<!-- finmerge-section:end -->"
 
 
 def _default(field: FieldInfo) -> str:
+    import yaml
+
     value = field.get_default(call_default_factory=True)
-    return "–" if value in (None, [], {}, "") else f"`{value}`"
+    if value in (None, [], {}, ""):
+        return "–"
+    return "`" + yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip() + "`"
 
 
 def _rows(model: Type[BaseModel], prefix: str) -> List[str]:
