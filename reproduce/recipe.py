@@ -19,8 +19,9 @@
 `workdir` defaults to the recipe's folder; `mergekit-yaml` reads relative paths from the current
 folder, so run it from the workdir to merge the same models.
 
-Checked when the recipe is loaded: it must be UTF-8 YAML, every key known and of the right type,
-every input present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they
+Checked when the recipe is loaded: it must be UTF-8 YAML; the body must pass mergekit's own
+`MergeConfiguration`, the section the schema of finmerge.reproduce.settings (every key known and of
+its type; docs/reproduce.md lists them), the pretrain fields `PretrainConfig`; every input present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they
 come from the command line only). Checked before any stage runs (check_locations): the outputs
 (merged model, the pretrain stage's domain model, sweep/ and best-merge/) may not be the workdir or
 an ancestor of it, may not overlap an input or each other, and may not be an existing folder
@@ -36,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from pydantic import ValidationError
 
-from finmerge.reproduce.settings import STAGES, EvalSection, FinmergeSection, SweepSection, describe
+from finmerge.reproduce.settings import EvalSection, FinmergeSection, SweepSection, describe
 from finmerge.safety.errors import InputError
 from finmerge.safety.flags import CommandLineOnlyError, refuse_cli_only
 from finmerge.safety.hub import is_hub_id
@@ -154,17 +155,15 @@ def load_reproduction(path: str, workdir: Optional[str] = None) -> Reproduction:
         raise ReproductionError(describe(error, FinmergeSection, "finmerge", raw,
                                          lambda loc: _where(path, ["finmerge", *loc]))) from None
     workdir = os.path.abspath(workdir or _absolute(section.workdir or ".", os.path.dirname(os.path.abspath(path))))
-    stages = section.stages or [s for s in STAGES if s in ("merge", "eval") or s in raw]
     merge = _resolve_models(copy.deepcopy(data), workdir, path)
     repro = Reproduction(
         path=os.path.abspath(path), workdir=workdir, merge=merge,
-        output=_absolute(section.output or "merged", workdir), stages=[s for s in STAGES if s in stages],
+        output=_absolute(section.output or "merged", workdir), stages=section.stage_list(),
         pretrain=_pretrain_section(raw.get("pretrain"), workdir, path),
         eval=_files(section.eval or EvalSection(), workdir),
         sweep=_files(section.sweep, workdir) if section.sweep else None,
     )
-    _check(repro, path)
-    _check_sweep(repro, path)
+    _check_inputs(repro, path)
     _check_pretrain(repro, path, raw.get("pretrain"))
     return repro
 
@@ -216,7 +215,9 @@ def _files(section, workdir: str):
     return section.model_copy(update=update)
 
 
-def _check(repro: Reproduction, path: str) -> None:
+def _check_inputs(repro: Reproduction, path: str) -> None:
+    """What the section's schema cannot tell: the body is a mergekit recipe with the roles, and the models and
+    files the stages read are there."""
     from mergekit.config import MergeConfiguration
 
     from finmerge.plugins.preflight import RecipeError, check_parameters, resolve_roles
@@ -230,24 +231,15 @@ def _check(repro: Reproduction, path: str) -> None:
     except Exception as error:
         raise ReproductionError(f"{path}: not a valid mergekit recipe: {str(error).splitlines()[0]}") from error
     produced = {repro.model("domain")} if "pretrain" in repro.stages else set()
-    if "pretrain" in repro.stages and not repro.pretrain:
-        raise ReproductionError(f"{path}: stage `pretrain` needs a `finmerge.pretrain:` section (finmerge pretrain fields)")
     for role in ("base", "domain", "instruct"):
         model = repro.model(role)
         if model not in produced and os.path.isabs(model) and not os.path.isdir(model):
             state = "is not a folder" if os.path.lexists(model) else "does not exist"
             raise ReproductionError(f"{path}: {role} model {model} {state}"
                                     + (" (add the `pretrain` stage to train it)" if role == "domain" else ""))
-    if "eval" in repro.stages and not (repro.eval.text or repro.eval.qa):
-        raise ReproductionError(f"{path}: stage `eval` needs `finmerge.eval:` with `text` and/or `qa`")
     if "eval" in repro.stages and "merge" not in repro.stages and not os.path.isdir(repro.output):
         raise ReproductionError(f"{path}: stage `eval` evaluates the merged model {repro.output}, which does not exist; "
                                 "add the `merge` stage")
-    if "sweep" in repro.stages and not repro.sweep:
-        raise ReproductionError(f"{path}: stage `sweep` needs a `finmerge.sweep:` section")
-    if "sweep" in repro.stages and not repro.sweep.metric:
-        raise ReproductionError(f"{path}: `finmerge.sweep.metric` is required: the metric that picks the best point, "
-                                "SET.KEY such as finance.strict (more, comma-separated, break ties)")
     files = [repro.eval.text, *repro.eval.qa.values()]
     if repro.sweep:
         files += [repro.sweep.text, *repro.sweep.qa.values()]
@@ -259,12 +251,6 @@ def _check(repro: Reproduction, path: str) -> None:
     for data in (repro.pretrain or {}).get("data", []) + (repro.pretrain or {}).get("replay_data", []):
         if _local_data(data) and not os.path.exists(data):
             raise ReproductionError(f"{path}: pretrain data {data} does not exist")
-
-
-def _check_sweep(repro: Reproduction, path: str) -> None:
-    if repro.sweep and not (repro.sweep.text or repro.sweep.qa):
-        raise ReproductionError(f"{_where(path, ['finmerge', 'sweep'])}finmerge.sweep needs validation data: "
-                                "`qa` and/or `text`")
 
 
 def _check_pretrain(repro: Reproduction, path: str, raw: Optional[Dict[str, Any]]) -> None:

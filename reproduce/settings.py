@@ -78,6 +78,27 @@ class FinmergeSection(RecipeSection):
             data = {k: v for k, v in data.items() if k != "sweep"}
         return data
 
+    def stage_list(self) -> List[str]:
+        """The stages to run, in their order: those named, else merge, eval and each stage with a section."""
+        named = self.stages or [s for s in STAGES if s in ("merge", "eval") or s in self.model_fields_set]
+        return [s for s in STAGES if s in named]
+
+    @model_validator(mode="after")
+    def _each_stage_has_its_settings(self) -> "FinmergeSection":
+        stages = self.stage_list()
+        if "pretrain" in stages and not self.pretrain:
+            raise ValueError("stage `pretrain` needs a `finmerge.pretrain:` section (finmerge pretrain fields)")
+        if "eval" in stages and not (self.eval and (self.eval.text or self.eval.qa)):
+            raise ValueError("stage `eval` needs `finmerge.eval:` with `text` and/or `qa`")
+        if "sweep" in stages and not self.sweep:
+            raise ValueError("stage `sweep` needs a `finmerge.sweep:` section")
+        if "sweep" in stages and not self.sweep.metric:
+            raise ValueError("`finmerge.sweep.metric` is required: the metric that picks the best point, SET.KEY such "
+                             "as finance.strict (more, comma-separated, break ties)")
+        if self.sweep and not (self.sweep.text or self.sweep.qa):
+            raise ValueError("finmerge.sweep needs validation data: `qa` and/or `text`")
+        return self
+
 
 # --- error messages --------------------------------------------------------------------------------
 
@@ -129,6 +150,8 @@ def describe(error: ValidationError, model: Type[BaseModel], prefix: str, data: 
         keys = ", ".join(sorted(str(p["loc"][-1]) for p in unknown))
         known = ", ".join(holder_fields(model, loc[:-1]))
         return f"{locate(loc)}{owner}: unknown key(s) {keys} (known: {known})"
+    if first["type"] == "value_error":  # a rule between fields (model_validator): its own sentence
+        return f"{locate(loc)}{first['ctx']['error']}"
     if first["type"] == "literal_error":
         bad = ", ".join(repr(p["input"]) for p in problems if p["type"] == "literal_error")
         allowed = first["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
