@@ -93,7 +93,7 @@ def test_every_command_that_asks_questions_uses_the_recipes_chat_template(name, 
     _record(monkeypatch, seen)
     args = {"sweep": ["sweep", path, "--out", tmp_path / "sweep-out"], "reproduce": ["reproduce", path]}[name]
     result = invoke(args, cwd=tmp_path, env={"FINMERGE_DEBUG": "1"})
-    assert isinstance(result, object) and seen, result.stderr
+    assert seen, f"the evaluation was never asked:\n{result.stderr}"
     assert seen["settings"].chat_template == TEMPLATE
 
 
