@@ -21,8 +21,9 @@ folder, so run it from the workdir to merge the same models.
 
 Checked when the recipe is loaded: it must be UTF-8 YAML; the body must pass mergekit's own
 `MergeConfiguration`, the section the schema of finmerge.reproduce.settings (every key known and of
-its type; docs/reproduce.md lists them), the pretrain fields `PretrainConfig`; every input present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they
-come from the command line only). Checked before any stage runs (check_locations): the outputs
+its type; docs/reproduce.md lists them), the pretrain fields `PretrainConfig`; every input must be
+present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they come from the
+command line only). Checked before any stage runs (check_locations): the outputs
 (merged model, the pretrain stage's domain model, sweep/ and best-merge/) may not be the workdir or
 an ancestor of it, may not overlap an input or each other, and may not be an existing folder
 finmerge did not create.

@@ -21,6 +21,7 @@ from finmerge.reproduce.recipe import Reproduction, check_locations
 from finmerge.reproduce.stages import Stages
 from finmerge.safety.outputs import atomic_write_text
 
+
 def flags_of(trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict[str, bool]:
     return {"trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
 
