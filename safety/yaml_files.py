@@ -29,8 +29,9 @@ def load_yaml(path: str, what: str = "file", error: Type[InputError] = InputErro
 
 
 def position(path: str, keys: Sequence[Union[str, int]]) -> Optional[Tuple[int, int]]:
-    """(line, column), 1-based, where the value at `keys` (mapping keys and list indexes) is written in the
-    YAML file `path`; the deepest part of `keys` the file has. None if the file cannot be read again."""
+    """(line, column), 1-based, where the entry at `keys` (mapping keys and list indexes) is written in the YAML
+    file `path`: the key of a mapping entry, the item of a list; as deep as the file has `keys`. None if the
+    file cannot be read again."""
     import yaml
 
     try:
@@ -38,15 +39,16 @@ def position(path: str, keys: Sequence[Union[str, int]]) -> Optional[Tuple[int, 
             node = yaml.compose(handle.read().decode("utf-8"), Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
-    found = node
+    mark = node.start_mark if node is not None else None
     for key in keys:
         if isinstance(node, yaml.MappingNode):
-            node = next((value for name, value in node.value if name.value == str(key)), None)
+            entry = next(((name, value) for name, value in node.value if name.value == str(key)), None)
+            node, here = (entry[1], entry[0]) if entry else (None, None)
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
+            node = here = node.value[key]
         else:
             node = None
         if node is None:
             break
-        found = node
-    return (found.start_mark.line + 1, found.start_mark.column + 1) if found is not None else None
+        mark = here.start_mark
+    return (mark.line + 1, mark.column + 1) if mark is not None else None
