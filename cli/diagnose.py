@@ -2,7 +2,8 @@
 
 import click
 
-_DTYPES = ("float32", "bfloat16", "float16", "float64")
+from finmerge.cli.options import Dtype
+from finmerge.safety.dtypes import COMMON
 
 
 @click.command("diagnose")
@@ -11,8 +12,9 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 @click.option("--instruct", required=True, help="Instruct model (instruction tuning of the base).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for diagnostics.json, diagnostics.md and diagnostics.png (created if needed).")
-@click.option("--dtype", type=click.Choice(_DTYPES), default=None,
-              help="Cast inputs to this dtype first, like a recipe's `dtype:` (default: as stored).")
+@click.option("--dtype", type=Dtype((*COMMON, "float64")), default=None,
+              help="Cast inputs to this dtype first, like a recipe's `dtype:` (default: as stored); bfloat16 = bf16, "
+                   "float16 = fp16, float32 = fp32.")
 @click.option("--cache-dir", default=None, help="Hugging Face cache folder for hub ids.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def diagnose(base, domain, instruct, out_dir, dtype, cache_dir, quiet):

@@ -88,8 +88,7 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
     breakdown_path = os.path.join(out_dir, "breakdown.json")
     best_merge = os.path.join(out_dir, "best-merge")
     finance_relations = sorted({f["relation"] for f in world["facts"] if f["domain"] == "finance"})
-    eval_section = repro.eval
-    stages.run("breakdown", stage_key({"eval": eval_section, "relations": finance_relations},
+    stages.run("breakdown", stage_key({"eval": repro.eval.given(), "relations": finance_relations},
                                       [repro.output, best_merge, instruct, world_dir]),
                lambda: _breakdown(repro, best_merge, instruct, world_dir, finance_relations, breakdown_path))
     report = collect(repro)
@@ -112,8 +111,7 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
 def _breakdown(repro, best_merge: str, instruct: str, world_dir: str, finance_relations, out: str) -> None:
     """Per-question answers of the merges on the finance test questions, and of the instruct model on
     general entities it never chatted about, for the same relation types."""
-    section = repro.eval
-    knobs = dict(turn_end=section.get("turn_end"), max_new_tokens=section.get("max_new_tokens", 32))
+    knobs = dict(turn_end=repro.eval.turn_end, max_new_tokens=repro.eval.max_new_tokens)
     finance_qa = os.path.join(world_dir, "finance_test.jsonl")
     finance = {}
     for label, path in (("merged (1, 1)", repro.output), ("sweep best", best_merge)):

@@ -6,15 +6,18 @@ One model is in memory at a time: `free` runs before the next one loads.
 import gc
 from typing import Any, Dict
 
+from finmerge.safety.dtypes import COMMON, dtype_name
+
 DEVICES = ("cpu", "cuda", "mps", "auto")
-DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = ("auto", *COMMON)
 
 
 def load_kwargs(device: str, dtype: str) -> Dict[str, Any]:
     """from_pretrained keywords: "auto" dtype keeps the checkpoint's own; "auto" device lets accelerate spread the model."""
     import torch
 
-    kwargs: Dict[str, Any] = {"dtype": "auto" if dtype == "auto" else getattr(torch, DTYPES[dtype])}
+    name = dtype_name(dtype, DTYPES)
+    kwargs: Dict[str, Any] = {"dtype": "auto" if name == "auto" else getattr(torch, name)}
     if device == "auto":
         kwargs["device_map"] = "auto"
     return kwargs

@@ -311,7 +311,7 @@ class FinHarness:
         return [{"text": loaded.doc_to_text(doc), "choices": loaded.doc_to_choice(doc), "target": loaded.doc_to_target(doc)}
                 for doc in loaded.test_docs()]
 
-    def run(self, model_path: str, batch_size: int = 8, device: str = "cpu", dtype: str = "fp32",
+    def run(self, model_path: str, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
             trust_remote_code: bool = False) -> Dict[str, Any]:
         """{"prompt", "metrics": {task: metric}, "scores": {task: value}, "average"} for one checkpoint."""
         try:

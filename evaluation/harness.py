@@ -15,11 +15,12 @@ class HarnessUnavailable(InputError):
     """lm-eval is not installed."""
 
 
-def hf_model_args(model_path: str, device: str = "cpu", dtype: str = "fp32", trust_remote_code: bool = False) -> Dict:
+def hf_model_args(model_path: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False) -> Dict:
     """lm-eval's `hf` model settings for finmerge's --device/--dtype ("auto" device: accelerate spreads the model)."""
     from finmerge.evaluation.devices import DTYPES
+    from finmerge.safety.dtypes import dtype_name
 
-    args = {"pretrained": model_path, "dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    args = {"pretrained": model_path, "dtype": dtype_name(dtype, DTYPES), "trust_remote_code": trust_remote_code}
     if device == "auto":
         args["parallelize"] = True
     return args
@@ -31,7 +32,7 @@ def lm_eval_device(device: str) -> Optional[str]:
 
 def run_harness(model_path: str, tasks: List[str], include_path: Optional[str] = None, num_fewshot: int = 0,
                 batch_size: int = 8, trust_remote_code: bool = False, device: str = "cpu",
-                dtype: str = "fp32") -> Dict[str, Dict[str, float]]:
+                dtype: str = "float32") -> Dict[str, Dict[str, float]]:
     """{task: {metric: value}} from lm_eval.simple_evaluate on a local checkpoint."""
     try:
         import lm_eval

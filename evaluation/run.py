@@ -1,10 +1,10 @@
 """Evaluate several checkpoints on the same data and lay the results out as one table."""
 
 import os
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from finmerge.evaluation.data import EvalDataError, load_qa, load_texts
+from finmerge.evaluation.settings import EvalSettings
 from finmerge.safety.errors import InputError
 
 
@@ -12,32 +12,8 @@ class ModelLoadError(InputError):
     """A checkpoint given to the evaluation cannot be loaded; the message names it."""
 
 
-@dataclass
-class EvalSettings:
-    text: Optional[str] = None  # held-out domain text for perplexity
-    qa: Dict[str, str] = field(default_factory=dict)  # set name -> JSONL path
-    max_len: int = 512
-    max_new_tokens: int = 32
-    batch_size: int = 16
-    chat_template_from: Optional[str] = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False  # accept models stored only as pickled .bin weights
-    generate: bool = True
-    turn_end: Optional[str] = None  # token that must end a chat answer (default: each model's own eos)
-    harness_tasks: List[str] = field(default_factory=list)  # lm-evaluation-harness tasks (the `harness` extra)
-    harness_include: Optional[str] = None  # folder of extra task YAMLs
-    device: str = "cpu"  # cpu, cuda, mps, or auto (accelerate's device_map="auto")
-    dtype: str = "fp32"  # auto (the checkpoint's own), bf16, fp16, fp32
-    chat_template: Optional[str] = None  # a Jinja chat template (e.g. a recipe's) every model is asked through
-    fin_harness: Optional[str] = None  # local clone of pfnet-research/japanese-lm-fin-harness
-    fin_tasks: List[str] = field(default_factory=list)  # default: all five
-    fin_prompt: Optional[str] = None  # prompt version; default finmerge.evaluation.fin_harness.DEFAULT_PROMPT
-    chabsa_archive: Optional[str] = None  # the downloaded chABSA archive (.zip) for the chabsa task
-    show_progress: bool = True  # a tqdm bar per model
-
-
 def load_model(path: str, trust_remote_code: bool = False, allow_pickle: bool = False, device: str = "cpu",
-               dtype: str = "fp32"):
+               dtype: str = "float32"):
     import glob
 
     from transformers import AutoConfig, AutoTokenizer

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import shutil
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit.config import MergeConfiguration
@@ -104,7 +105,7 @@ def remote_code_files(folder: str, auto_map: Dict[str, Any]) -> List[str]:
 def _inside(path: str, folder: str) -> bool:
     """`path` lies under `folder` by its name (a name with `..` or an absolute one does not); links are
     followed only when read, as in a Hugging Face cache snapshot, whose files link to its blobs."""
-    return os.path.normpath(path).startswith(os.path.join(os.path.normpath(folder), ""))
+    return Path(os.path.normpath(path)).is_relative_to(os.path.normpath(folder))
 
 
 def _copy_code_files(out_path: str, folder: str, names: List[str], what: str, keep: Dict[str, str]) -> None:

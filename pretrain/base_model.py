@@ -4,22 +4,22 @@ Identity by content: the run fingerprint holds the sha256 of every weight file a
 different checkpoint of the same shape (same file names and sizes) is a different run. Full hashes, not
 a header and a sample: a sample can miss a fine-tune that changed few values. Hashing a 14B checkpoint
 (~28 GB) takes about 4 minutes at the 121 MB/s measured on a 2-core VM, so the digests are cached in
-OUT/run.json with each file's (size, mtime_ns, inode): a rerun re-hashes only a file whose stat changed
-(as `git` trusts stat). For a hub model, the files are the local Hugging Face cache snapshot, whose LFS blobs are named
-by their sha256: that name is used as the digest without reading the file.
+OUT/run.json with each file's (size, mtime_ns, ctime_ns, inode), and shared in the process with
+`finmerge reproduce`'s stage keys (finmerge.safety.hashes): a file is read once per version. For a hub
+model, the files are the local Hugging Face cache snapshot, whose LFS blobs are named by their sha256:
+that name is the digest, and the file is not read.
 """
 
 import glob
-import hashlib
 import os
-import re
 from typing import Any, Dict, List, Optional
+
+from finmerge.safety.hashes import file_sha256, stat_key
 
 from .config import PretrainConfig, PretrainError
 
 POSITION_LIMITS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 HEADER_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def local_folder(config: PretrainConfig) -> str:
@@ -43,22 +43,6 @@ def weight_files(folder: str) -> List[str]:
     return sorted(glob.glob(os.path.join(folder, "*.safetensors")) + glob.glob(os.path.join(folder, "*.bin")))
 
 
-def _stat(path: str) -> List[int]:
-    info = os.stat(path)
-    return [info.st_size, info.st_mtime_ns, info.st_ino]
-
-
-def file_sha256(path: str) -> str:
-    real = os.path.realpath(path)
-    if os.path.basename(os.path.dirname(real)) == "blobs" and _SHA256.fullmatch(os.path.basename(real)):
-        return os.path.basename(real)  # a Hugging Face cache blob is named by its content's sha256
-    digest = hashlib.sha256()
-    with open(real, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_identity(folder: str, cached: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """{"identity": content digests (fingerprinted), "stat": the cache key of each digest (not fingerprinted)}.
 
@@ -71,9 +55,9 @@ def model_identity(folder: str, cached: Optional[Dict[str, Any]] = None) -> Dict
         files.append(config_path)
     identity, stats = [], []
     for path in files:
-        name, stat = os.path.basename(path), _stat(os.path.realpath(path))
+        name, stat = os.path.basename(path), stat_key(path)
         previous = known.get(name)
-        digest = previous[1] if previous and previous[0] == stat else file_sha256(path)
+        digest = previous[1] if previous and previous[0] == stat else file_sha256(path, stat)
         identity.append({"file": name, "size": stat[0], "sha256": digest})
         stats.append([name, stat, digest])
     return {"identity": identity, "stat": stats}

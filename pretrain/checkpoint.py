@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import re
 import shutil
 from typing import Optional
 
@@ -30,15 +29,12 @@ def last_checkpoint(folder: str, remove_incomplete: bool) -> Optional[str]:
     """Newest complete checkpoint; incomplete ones (a run killed while saving) are removed if asked.
 
     The checkpoints folder is inside an OUT that finmerge created (run.json checked), so its contents are ours."""
+    from transformers.trainer_utils import sort_checkpoints
+
     if not os.path.isdir(folder):
         return None
-    found = []
-    for name in os.listdir(folder):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isdir(os.path.join(folder, name)):
-            found.append((int(match.group(1)), os.path.join(folder, name)))
     latest = None
-    for _, path in sorted(found, reverse=True):
+    for path in reversed(sort_checkpoints(folder)):  # Trainer's own order: by step, newest last
         if checkpoint_is_complete(path):
             latest = latest or path
         elif latest is None and remove_incomplete:

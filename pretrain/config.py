@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from finmerge.safety.dtypes import COMMON, SPELLINGS
 from finmerge.safety.errors import InputError
 from finmerge.safety.flags import refuse_cli_only
 
@@ -36,7 +37,25 @@ class PretrainError(InputError):
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TXT_UNITS = ("auto", "file", "paragraph", "line")
-SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+SAVE_DTYPES = ("auto", *COMMON)
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class DtypeName(str):
+    """A dtype as the user spells it (`bf16` or `bfloat16`), kept as torch's name; an unknown one is kept as written
+    for the choices check to name the allowed values."""
+
+    def __new__(cls, value: str):
+        text = str(value).strip()
+        return super().__new__(cls, SPELLINGS.get(text.lower(), text))
+
+
+class PrecisionName(str):
+    """A mixed-precision mode as the user spells it (`bf16` or `bfloat16`), kept as the short name."""
+
+    def __new__(cls, value: str):
+        text = str(value).strip()
+        return super().__new__(cls, SHORT.get(SPELLINGS.get(text.lower(), ""), text))
 
 # Keys accepted as another spelling of a field (YAML, overrides and `--output` on the command line).
 ALIASES = {"output": "output_dir"}
@@ -127,16 +146,17 @@ class PretrainConfig(TrainingArguments):
                 "to itself (transformers' packed-sequence masks; checked at start, refused if the model ignores "
                 "them). Off: plain causal blocks."})
     # --- compute and saving ----------------------------------------------------------------------
-    precision: str = field(default="auto", metadata={
+    precision: PrecisionName = field(default="auto", metadata={
         "choices": PRECISIONS,
         "help": "auto: bf16 mixed precision where the GPU supports it (or what --bf16/--fp16 say), fp32 "
-                "otherwise; or bf16/fp16/fp32."})
+                "otherwise; or bf16/fp16/fp32 (also spelled bfloat16/float16/float32)."})
     num_threads: Optional[int] = field(default=None, metadata={
         "help": "torch CPU threads (torch.set_num_threads); default: torch's choice."})
-    save_dtype: str = field(default="auto", metadata={
+    save_dtype: DtypeName = field(default="auto", metadata={
         "choices": SAVE_DTYPES,
         "help": "dtype of the saved domain checkpoint; auto = the base checkpoint's own dtype (its safetensors, "
-                "else its config.json dtype), so the merge sees three checkpoints of one dtype."})
+                "else its config.json dtype), so the merge sees three checkpoints of one dtype. bf16/fp16/fp32 also "
+                "accepted."})
 
     # --- TrainingArguments defaults changed for continual pretraining ------------------------------
     num_train_epochs: float = field(default=1.0, metadata={
@@ -159,6 +179,8 @@ class PretrainConfig(TrainingArguments):
         "help": "Count the tokens trained on (the summary's tokens_seen); `all` counts every token."})
 
     def __post_init__(self):
+        # dtype names as the user spelled them (`bfloat16` or `bf16`), one spelling from here on
+        self.precision, self.save_dtype = str(PrecisionName(self.precision)), str(DtypeName(self.save_dtype))
         # Our mixed-precision switch becomes transformers' bf16/fp16 before TrainingArguments checks them.
         if self.precision not in PRECISIONS:
             raise PretrainError(f"`precision` must be one of {', '.join(PRECISIONS)}; got {self.precision!r}.")

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List
 
+from finmerge.safety.hashes import file_sha256
 from finmerge.safety.hub import is_hub_id
 
 from .config import PretrainError
@@ -82,11 +83,7 @@ def source_identity(sources: List[Source], config) -> List[Dict]:
 
 
 def _file_hash(path: str) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as error:
         return f"unreadable:{error.errno}"
-    return digest.hexdigest()

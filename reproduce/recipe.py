@@ -19,36 +19,32 @@
 `workdir` defaults to the recipe's folder; `mergekit-yaml` reads relative paths from the current
 folder, so run it from the workdir to merge the same models.
 
-Checked when the recipe is loaded: it must be UTF-8 YAML, every key known and of the right type,
-every input present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they
-come from the command line only). Checked before any stage runs (check_locations): the outputs
+Checked when the recipe is loaded: it must be UTF-8 YAML; the body must pass mergekit's own
+`MergeConfiguration`, the section the schema of finmerge.reproduce.settings (every key known and of
+its type; docs/reproduce.md lists them), the pretrain fields `PretrainConfig`; every input must be
+present; `trust_remote_code`/`allow_pickle` are refused anywhere in the recipe (they come from the
+command line only). Checked before any stage runs (check_locations): the outputs
 (merged model, the pretrain stage's domain model, sweep/ and best-merge/) may not be the workdir or
 an ancestor of it, may not overlap an input or each other, and may not be an existing folder
 finmerge did not create.
 """
 
 import copy
-import dataclasses
-import difflib
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from pydantic import ValidationError
 
+from finmerge.reproduce.settings import EvalSection, FinmergeSection, SweepSection, describe
 from finmerge.safety.errors import InputError
 from finmerge.safety.flags import CommandLineOnlyError, refuse_cli_only
 from finmerge.safety.hub import is_hub_id
-from finmerge.safety.yaml_files import load_yaml
+from finmerge.safety.yaml_files import load_yaml, position
 from finmerge.safety.outputs import MARKER, OutputError, check_output_location, is_owned
 
-STAGES = ("pretrain", "merge", "eval", "sweep")
-SECTION_KEYS = {"workdir", "output", "stages", "pretrain", "eval", "sweep"}
-# field -> expected kind; see _typed
-EVAL_FIELDS = {"text": "path", "qa": "qa", "max_len": "count", "max_new_tokens": "count", "batch_size": "count",
-               "generate": "bool", "turn_end": "str"}
-SWEEP_FIELDS = {"w_domain": "numbers", "w_instruct": "numbers", "variants": "strings", "metric": "str",
-                "text": "path", "qa": "qa"}
-EVAL_KEYS, SWEEP_KEYS = set(EVAL_FIELDS), set(SWEEP_FIELDS)
 PRODUCED_BY_REPRODUCE = ("model", "output")  # pretrain fields reproduce sets itself
 
 
@@ -63,9 +59,9 @@ class Reproduction:
     merge: Dict[str, Any]  # the mergekit recipe with absolute paths
     output: str
     stages: List[str]
-    pretrain: Optional[Dict[str, Any]] = None
-    eval: Dict[str, Any] = field(default_factory=dict)
-    sweep: Optional[Dict[str, Any]] = None
+    pretrain: Optional[Dict[str, Any]] = None  # `finmerge pretrain` fields, checked by PretrainConfig
+    eval: EvalSection = field(default_factory=EvalSection)
+    sweep: Optional[SweepSection] = None
 
     def model(self, role: str) -> str:
         if role == "base":
@@ -98,8 +94,8 @@ class Reproduction:
         files = models + ([] if "pretrain" in self.stages else [self.model("domain")])
         if "merge" not in self.stages:
             files.append(self.output)  # eval reads an existing merged model
-        for section in (self.eval, self.sweep or {}):
-            files += [section.get("text"), *(section.get("qa") or {}).values()]
+        for section in filter(None, (self.eval, self.sweep)):
+            files += [section.text, *section.qa.values()]
         for key in ("data", "replay_data"):
             files += [d for d in (self.pretrain or {}).get(key, []) if _local_data(d)]
         return [f for f in files if f and os.path.isabs(f)] + [self.path]
@@ -141,67 +137,35 @@ def _read(path: str) -> Dict[str, Any]:
     return data
 
 
-KINDS = {
-    "str": ("a string", lambda v: isinstance(v, str)),
-    "path": ("a file path (string)", lambda v: isinstance(v, str) and v != ""),
-    "bool": ("true or false", lambda v: isinstance(v, bool)),
-    "count": ("a positive integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-    "numbers": ("a non-empty list of numbers", lambda v: isinstance(v, list) and v != [] and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)),
-    "strings": ("a non-empty list of strings", lambda v: isinstance(v, list) and v != [] and all(isinstance(x, str) for x in v)),
-    "qa": ("a mapping of set name to JSONL file path", lambda v: isinstance(v, dict) and all(
-        isinstance(k, str) and isinstance(p, str) and p for k, p in v.items())),
-}
-
-
-def _typed(section: Any, fields: Dict[str, str], where: str) -> Dict[str, Any]:
-    if not isinstance(section, dict):
-        raise ReproductionError(f"{where} must be a mapping of field: value, not {type(section).__name__}")
-    unknown = set(map(str, section)) - set(fields)
-    if unknown:
-        raise ReproductionError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(fields))})")
-    for key, value in section.items():
-        want, ok = KINDS[fields[key]]
-        if value is not None and not ok(value):  # null: not given
-            raise ReproductionError(f"{where}.{key} must be {want}; got {value!r}")
-    return dict(section)
+def _where(path: str, keys: Sequence[Union[str, int]]) -> str:
+    """`recipe PATH, line L, column C: ` for the value at `keys`, as far as the file has it."""
+    found = position(path, keys)
+    return f"recipe {path}, line {found[0]}, column {found[1]}: " if found else f"recipe {path}: "
 
 
 def load_reproduction(path: str, workdir: Optional[str] = None) -> Reproduction:
     data = _read(path)
-    section = data.pop("finmerge", None)
-    section = {} if section is None else section
-    where = f"recipe {path}: finmerge"
-    if not isinstance(section, dict):
-        raise ReproductionError(f"{where} must be a mapping (workdir, output, stages, pretrain, eval, sweep), "
-                                f"not {type(section).__name__}")
-    unknown = set(map(str, section)) - SECTION_KEYS
-    if unknown:
-        raise ReproductionError(f"{path}: unknown key(s) in `finmerge:`: {', '.join(sorted(unknown))} "
-                                f"(known: {', '.join(sorted(SECTION_KEYS))})")
-    for key in ("workdir", "output"):
-        if key in section and not (isinstance(section[key], str) and section[key]):
-            raise ReproductionError(f"{where}.{key} must be a folder path (string); got {section[key]!r}")
-    workdir = os.path.abspath(workdir or _absolute(section.get("workdir", "."), os.path.dirname(os.path.abspath(path))))
-    stages = section.get("stages")
-    if stages is None:
-        stages = [s for s in STAGES if s in ("merge", "eval") or s in section]
-    elif not KINDS["strings"][1](stages):
-        raise ReproductionError(f"{where}.stages must be a non-empty list of stage names ({', '.join(STAGES)}); got {stages!r}")
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        raise ReproductionError(f"{path}: unknown stage(s) {', '.join(map(repr, bad))}; stages are {', '.join(STAGES)}")
+    raw = data.pop("finmerge", None)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ReproductionError(f"{_where(path, ['finmerge'])}finmerge must be a mapping (workdir, output, stages, "
+                                f"pretrain, eval, sweep), not {type(raw).__name__}")
+    try:
+        section = FinmergeSection.model_validate(raw)
+    except ValidationError as error:
+        raise ReproductionError(describe(error, FinmergeSection, "finmerge", raw,
+                                         lambda loc: _where(path, ["finmerge", *loc]))) from None
+    workdir = os.path.abspath(workdir or _absolute(section.workdir or ".", os.path.dirname(os.path.abspath(path))))
     merge = _resolve_models(copy.deepcopy(data), workdir, path)
     repro = Reproduction(
         path=os.path.abspath(path), workdir=workdir, merge=merge,
-        output=_absolute(section.get("output", "merged"), workdir), stages=[s for s in STAGES if s in stages],
-        pretrain=_pretrain_section(section.get("pretrain"), workdir, f"{where}.pretrain"),
-        eval=_files(_typed(section.get("eval") or {}, EVAL_FIELDS, f"{where}.eval"), workdir),
-        sweep=_files(_typed(section["sweep"], SWEEP_FIELDS, f"{where}.sweep"), workdir) if section.get("sweep") else None,
+        output=_absolute(section.output or "merged", workdir), stages=section.stage_list(),
+        pretrain=_pretrain_section(raw.get("pretrain"), workdir, path),
+        eval=_files(section.eval or EvalSection(), workdir),
+        sweep=_files(section.sweep, workdir) if section.sweep else None,
     )
-    _check(repro, path)
-    _check_sweep(repro, path)
-    _check_pretrain(repro, f"{where}.pretrain")
+    _check_inputs(repro, path)
+    _check_pretrain(repro, path, raw.get("pretrain"))
     return repro
 
 
@@ -221,35 +185,40 @@ def _local_data(spec: str) -> bool:
     return not spec.startswith("dataset:")
 
 
-def _pretrain_section(section: Any, workdir: str, where: str) -> Optional[Dict[str, Any]]:
+def _pretrain_section(section: Any, workdir: str, path: str) -> Optional[Dict[str, Any]]:
     """The pretrain fields with local data paths made absolute once (`dataset:` sources kept)."""
     if section is None:
         return None
-    if not isinstance(section, dict):
-        raise ReproductionError(f"{where} must be a mapping of `finmerge pretrain` fields, not {type(section).__name__}")
+    where = "finmerge.pretrain"
     section = {str(k).replace("-", "_"): v for k, v in section.items()}
     for key in PRODUCED_BY_REPRODUCE:
         if key in section:
-            raise ReproductionError(f"{where}.{key} cannot be set: the pretrain stage trains the recipe's `base_model` "
-                                    "and writes the recipe's domain model; remove the key")
+            raise ReproductionError(f"{_where(path, ['finmerge', 'pretrain', key])}{where}.{key} cannot be set: the "
+                                    "pretrain stage trains the recipe's `base_model` and writes the recipe's domain "
+                                    "model; remove the key")
     for key in ("data", "replay_data"):
         if key in section:
-            if not KINDS["strings"][1](section[key]):
-                raise ReproductionError(f"{where}.{key} must be a non-empty list of files, folders or dataset: sources; "
-                                        f"got {section[key]!r}")
-            section[key] = [_absolute(d, workdir) if _local_data(d) else d for d in section[key]]
+            value = section[key]
+            if not (isinstance(value, list) and value and all(isinstance(d, str) and d for d in value)):
+                raise ReproductionError(f"{_where(path, ['finmerge', 'pretrain', key])}{where}.{key} must be a non-empty "
+                                        f"list of files, folders or dataset: sources; got {value!r}")
+            section[key] = [_absolute(d, workdir) if _local_data(d) else d for d in value]
     return section
 
 
-def _files(section: Dict[str, Any], workdir: str) -> Dict[str, Any]:
-    if section.get("text"):
-        section["text"] = _absolute(section["text"], workdir)
-    if section.get("qa"):
-        section["qa"] = {name: _absolute(p, workdir) for name, p in section["qa"].items()}
-    return section
+def _files(section, workdir: str):
+    """The section with its data files read from the workdir."""
+    update: Dict[str, Any] = {}
+    if section.text:
+        update["text"] = _absolute(section.text, workdir)
+    if section.qa:
+        update["qa"] = {name: _absolute(p, workdir) for name, p in section.qa.items()}
+    return section.model_copy(update=update)
 
 
-def _check(repro: Reproduction, path: str) -> None:
+def _check_inputs(repro: Reproduction, path: str) -> None:
+    """What the section's schema cannot tell: the body is a mergekit recipe with the roles, and the models and
+    files the stages read are there."""
     from mergekit.config import MergeConfiguration
 
     from finmerge.plugins.preflight import RecipeError, check_parameters, resolve_roles
@@ -263,27 +232,18 @@ def _check(repro: Reproduction, path: str) -> None:
     except Exception as error:
         raise ReproductionError(f"{path}: not a valid mergekit recipe: {str(error).splitlines()[0]}") from error
     produced = {repro.model("domain")} if "pretrain" in repro.stages else set()
-    if "pretrain" in repro.stages and not repro.pretrain:
-        raise ReproductionError(f"{path}: stage `pretrain` needs a `finmerge.pretrain:` section (finmerge pretrain fields)")
     for role in ("base", "domain", "instruct"):
         model = repro.model(role)
         if model not in produced and os.path.isabs(model) and not os.path.isdir(model):
             state = "is not a folder" if os.path.lexists(model) else "does not exist"
             raise ReproductionError(f"{path}: {role} model {model} {state}"
                                     + (" (add the `pretrain` stage to train it)" if role == "domain" else ""))
-    if "eval" in repro.stages and not (repro.eval.get("text") or repro.eval.get("qa")):
-        raise ReproductionError(f"{path}: stage `eval` needs `finmerge.eval:` with `text` and/or `qa`")
     if "eval" in repro.stages and "merge" not in repro.stages and not os.path.isdir(repro.output):
         raise ReproductionError(f"{path}: stage `eval` evaluates the merged model {repro.output}, which does not exist; "
                                 "add the `merge` stage")
-    if "sweep" in repro.stages and not repro.sweep:
-        raise ReproductionError(f"{path}: stage `sweep` needs a `finmerge.sweep:` section")
-    if "sweep" in repro.stages and not repro.sweep.get("metric"):
-        raise ReproductionError(f"{path}: `finmerge.sweep.metric` is required: the metric that picks the best point, "
-                                "SET.KEY such as finance.strict (more, comma-separated, break ties)")
-    files = [repro.eval.get("text"), *(repro.eval.get("qa") or {}).values()]
+    files = [repro.eval.text, *repro.eval.qa.values()]
     if repro.sweep:
-        files += [repro.sweep.get("text"), *(repro.sweep.get("qa") or {}).values()]
+        files += [repro.sweep.text, *repro.sweep.qa.values()]
     for file in filter(None, files):
         if not os.path.exists(file):
             raise ReproductionError(f"{path}: file {file} does not exist")
@@ -294,47 +254,27 @@ def _check(repro: Reproduction, path: str) -> None:
             raise ReproductionError(f"{path}: pretrain data {data} does not exist")
 
 
-def _check_sweep(repro: Reproduction, path: str) -> None:
-    if not repro.sweep:
-        return
-    from finmerge.sweep.run import VARIANTS
-
-    unknown = [v for v in repro.sweep.get("variants", []) if v not in VARIANTS]
-    if unknown:
-        raise ReproductionError(f"{path}: finmerge.sweep.variants: unknown variant(s) {', '.join(map(repr, unknown))}; "
-                                f"known: {', '.join(VARIANTS)}")
-    if not (repro.sweep.get("text") or repro.sweep.get("qa")):
-        raise ReproductionError(f"{path}: finmerge.sweep needs validation data: `qa` and/or `text`")
-
-
-def _check_pretrain(repro: Reproduction, where: str) -> None:
-    """Unknown fields and bad values of the pretrain section, before anything runs."""
+def _check_pretrain(repro: Reproduction, path: str, raw: Optional[Dict[str, Any]]) -> None:
+    """The pretrain section's fields and values, checked by PretrainConfig itself before anything runs."""
     if "pretrain" not in repro.stages or not repro.pretrain:
         return
-    from finmerge.pretrain.config import PretrainConfig
-
     from finmerge.reproduce.run import build_pretrain_config
 
-    known = {f.name for f in dataclasses.fields(PretrainConfig)}
-    for key in repro.pretrain:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=2)
-            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
-            raise ReproductionError(f"{where}: unknown field `{key}`{hint}; see `finmerge pretrain --help` for the fields")
     try:
         build_pretrain_config(repro, threads=None, trust_remote_code=False, allow_pickle=False)
     except Exception as error:  # a wrong type or value, named by the pretrain config itself
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ReproductionError(f"{where}: {text.replace('command line: ', '')}") from None
-
-
-def _real(path: str) -> str:
-    return os.path.realpath(path)
+        text = text.replace("command line: ", "").replace("pretrain settings: ", "")
+        named = re.search(r"`([^`]+)`", text)
+        keys = {str(k).replace("-", "_"): k for k in raw or {}}
+        key = keys.get(named.group(1)) if named else None
+        where = _where(path, ["finmerge", "pretrain", *([key] if key is not None else [])])
+        raise ReproductionError(f"{where}finmerge.pretrain: {text}") from None
 
 
 def _overlap(a: str, b: str) -> bool:
-    a, b = _real(a), _real(b)
-    return a == b or a.startswith(b.rstrip(os.sep) + os.sep) or b.startswith(a.rstrip(os.sep) + os.sep)
+    a, b = Path(a).resolve(), Path(b).resolve()
+    return a.is_relative_to(b) or b.is_relative_to(a)
 
 
 def check_locations(repro: Reproduction) -> None:

@@ -15,32 +15,26 @@ from typing import Callable, Dict, Iterator, Optional
 
 import yaml
 
+from finmerge.evaluation.settings import EvalData, EvalKnobs, EvalSettings
 from finmerge.reproduce.recipe import Reproduction, check_locations
 from finmerge.reproduce.stages import Stages
 from finmerge.safety.locks import exclusive
 from finmerge.safety.outputs import atomic_write_text
 from finmerge.safety.signals import run_child
 
-EVAL_KNOBS = ("max_len", "max_new_tokens", "batch_size", "generate", "turn_end")
-
 
 def flags_of(trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict[str, bool]:
     return {"trust_remote_code": bool(trust_remote_code), "allow_pickle": bool(allow_pickle)}
 
 
-def _given(values: Optional[Dict]) -> Dict:
-    """A recipe section without its null fields (null means "not given": the default applies)."""
-    return {k: v for k, v in (values or {}).items() if v is not None}
-
-
-def _eval_settings(section: Dict, flags: Dict[str, bool], knobs_from: Optional[Dict] = None,
-                   template: Optional[str] = None):
-    """Data (text, qa) from `section`; generation/batching knobs from `knobs_from` unless `section` sets them."""
-    from finmerge.evaluation.run import EvalSettings
-
-    knobs = {k: v for k, v in {**_given(knobs_from), **_given(section)}.items() if k in EVAL_KNOBS}
-    return EvalSettings(text=section.get("text"), qa=dict(section.get("qa") or {}), chat_template=template,
-                        **knobs, **flags)
+def eval_settings(data: EvalData, knobs: EvalKnobs, flags: Dict[str, bool], template: Optional[str] = None,
+                  **given) -> EvalSettings:
+    """What `evaluate` is asked: the files of `data` (the eval or sweep section), the generation and batching
+    knobs of `knobs` (finmerge.eval: the sweep scores its points as the report does), the command-line
+    flags, the recipe's chat template; `given` (command-line values) wins over all of them."""
+    return EvalSettings(**{**data.model_dump(include=set(EvalData.model_fields)),
+                           **knobs.model_dump(include=set(EvalKnobs.model_fields)),
+                           "chat_template": template, **flags, **given})
 
 
 def recipe_chat_template(repro: Reproduction) -> Optional[str]:
@@ -92,7 +86,7 @@ def _merge(repro: Reproduction, flags: Dict[str, bool]) -> None:
 
 
 @contextlib.contextmanager
-def _pickles_allowed(allow: bool) -> Iterator[None]:
+def pickles_allowed(allow: bool) -> Iterator[None]:
     """The sweep merges in this process through the plugin, which reads FINMERGE_ALLOW_PICKLE."""
     before = os.environ.get("FINMERGE_ALLOW_PICKLE")
     if allow:
@@ -122,12 +116,13 @@ def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Ca
 def _run_stages(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print, *,
                 trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict:
     from finmerge.evaluation.run import evaluate, write_results
-    from finmerge.sweep.run import SweepSettings, run_sweep, write_sweep
+    from finmerge.sweep.run import SweepGrid, SweepSettings, run_sweep, write_sweep
 
     flags = flags_of(trust_remote_code, allow_pickle)
     stages = Stages(repro.workdir, log=log)
     models = {"base": repro.model("base"), "domain": repro.model("domain"), "instruct": repro.model("instruct")}
     common = {"flags": flags}  # every key: the flags change what runs (and may change what loads)
+    template = recipe_chat_template(repro)
     if "pretrain" in repro.stages:
         key = stages.key({**common, "pretrain": repro.pretrain},
                          [models["base"], *repro.pretrain.get("data", []), *repro.pretrain.get("replay_data", [])])
@@ -136,24 +131,24 @@ def _run_stages(repro: Reproduction, threads: Optional[int] = None, log: Callabl
         key = stages.key({**common, "merge": repro.merge}, list(models.values()))
         stages.run("merge", key, lambda: _merge(repro, flags), moved_in=[repro.output])
     results_path = os.path.join(repro.workdir, "eval.json")
+    report_eval = eval_settings(repro.eval, repro.eval, flags, template)
     if "eval" in repro.stages:
-        settings = _eval_settings(repro.eval, flags, template=recipe_chat_template(repro))
-        key = stages.key({**common, "eval": repro.eval}, [*models.values(), repro.output, settings.text or "", *settings.qa.values()])
-        stages.run("eval", key, lambda: write_results(evaluate({**models, "merged": repro.output}, settings,
+        key = stages.key({**common, "eval": repro.eval.given()},
+                         [*models.values(), repro.output, report_eval.text or "", *report_eval.qa.values()])
+        stages.run("eval", key, lambda: write_results(evaluate({**models, "merged": repro.output}, report_eval,
                                                                  progress=lambda m: log(f"[eval] {m} done")), results_path),
                    files=[results_path])
     if "sweep" in repro.stages:
         section = repro.sweep
-        settings = SweepSettings(eval=_eval_settings(section, flags, repro.eval, template=recipe_chat_template(repro)),
-                                 **{k: section[k] for k in ("w_domain", "w_instruct", "variants", "metric") if section.get(k) is not None})
-        report_eval = _eval_settings(repro.eval, flags, template=recipe_chat_template(repro))
+        settings = SweepSettings(**section.model_dump(include=set(SweepGrid.model_fields)),
+                                 eval=eval_settings(section, repro.eval, flags, template))
         # the sweep reads its own question files, and the best merge is evaluated on the reported ones
         question_files = [settings.eval.text or "", *settings.eval.qa.values(), report_eval.text or "", *report_eval.qa.values()]
-        key = stages.key({**common, "sweep": section, "eval": repro.eval, "merge": repro.merge},
+        key = stages.key({**common, "sweep": section.given(), "eval": repro.eval.given(), "merge": repro.merge},
                          [*models.values(), *question_files])
 
         def sweep():
-            with _pickles_allowed(flags["allow_pickle"]):
+            with pickles_allowed(flags["allow_pickle"]):
                 result = run_sweep(repro.merge, settings, repro.sweep_dir, log=log, keep_best=repro.best_merge)
             write_sweep(result, repro.sweep_dir)
             if "eval" in repro.stages:  # the best merge on the reported (test) data, next to the others

@@ -9,9 +9,8 @@ folders carrying finmerge's marker (finmerge.safety.outputs): a folder of the us
 touched. An interrupted stage has no stamp, so the next run does it again.
 
 Files are identified by their content (sha256). Model weights are large, so digests are cached in
-`<workdir>/.stages/hashes.json` by (path, size, mtime_ns, ctime_ns, inode): a file is read once per
-version. ctime changes whenever a file is written or replaced, even when its mtime is set back, so a
-swapped-in file is hashed again.
+`<workdir>/.stages/hashes.json` by (path, size, mtime_ns, ctime_ns, inode) and shared in the process
+with the pretrain stage's own fingerprint (finmerge.safety.hashes): a file is read once per version.
 """
 
 import hashlib
@@ -20,50 +19,10 @@ import os
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
+from finmerge.safety.hashes import HashCache
 from finmerge.safety.outputs import MARKER, atomic_write_json, claim, is_owned, remove_owned
 
 SKIPPED_FOLDERS = ("checkpoints", "__pycache__", ".stages")
-CHUNK = 1 << 20
-
-
-def _stat_key(path: str) -> List[int]:
-    stat = os.stat(path)
-    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
-
-
-class HashCache:
-    """sha256 of files, remembered by (path, size, mtime_ns, ctime_ns, inode); `None` folder = no cache file."""
-
-    def __init__(self, folder: Optional[str] = None):
-        self.path = os.path.join(folder, "hashes.json") if folder else None
-        self.entries: Dict[str, Dict[str, Any]] = {}
-        self.changed = False
-        if self.path:
-            try:
-                with open(self.path, encoding="utf-8") as handle:
-                    loaded = json.load(handle)
-                self.entries = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
-                self.entries = {}  # a missing or damaged cache only costs re-hashing
-
-    def digest(self, path: str) -> str:
-        stat = _stat_key(path)
-        entry = self.entries.get(path)
-        if isinstance(entry, dict) and entry.get("stat") == stat:
-            return entry["sha256"]
-        sha = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(CHUNK), b""):
-                sha.update(block)
-        self.entries[path] = {"stat": stat, "sha256": sha.hexdigest()}
-        self.changed = True
-        return sha.hexdigest()
-
-    def save(self) -> None:
-        if self.path and self.changed:
-            self.entries = {path: entry for path, entry in self.entries.items() if os.path.exists(path)}
-            atomic_write_json(self.path, self.entries, indent=None)
-            self.changed = False
 
 
 def file_identity(paths: Iterable[str], cache: Optional[HashCache] = None) -> list:

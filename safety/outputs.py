@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
 
 from finmerge.safety.errors import InputError
@@ -28,7 +29,7 @@ def _real(path: str) -> str:
 
 def _inside(path: str, folder: str) -> bool:
     """`path` is `folder` or below it (both already real paths)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+    return Path(path).is_relative_to(folder)
 
 
 def check_output_location(output: str, inputs: Iterable[Optional[str]] = (), *, workdir: Optional[str] = None,

@@ -10,10 +10,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Annotated, Dict, List, Literal, Optional, Union
 
-from finmerge.evaluation.run import EvalSettings, evaluate
+from pydantic import BaseModel, ConfigDict, Field
+
+from finmerge.evaluation.run import evaluate
+from finmerge.evaluation.settings import EvalSettings, Want
 from finmerge.safety.errors import InputError
 from finmerge.safety.outputs import atomic_write_files
 
@@ -32,15 +34,28 @@ class SweepError(InputError):
     """The sweep's settings cannot be used (unknown variant, no metric, a metric no grid point computes)."""
 
 
-@dataclass
-class SweepSettings:
-    w_domain: Sequence[float] = (0.5, 1.0, 1.5)
-    w_instruct: Sequence[float] = (0.5, 1.0, 1.5)
-    variants: Sequence[str] = ("paper",)
-    # "SET.KEY[,SET.KEY...]": the first decides, the next ones break ties; "-SET.KEY" is minimized.
+Numbers = Annotated[List[Union[int, float]], Field(min_length=1), Want("a non-empty list of numbers")]
+Variants = Annotated[List[Literal[VARIANTS]], Field(min_length=1), Want(f"a non-empty list of: {', '.join(VARIANTS)}")]
+
+
+class SweepGrid(BaseModel):
+    """The grid and what "best" means; also the fields of a recipe's `finmerge.sweep:` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    w_domain: Numbers = Field([0.5, 1.0, 1.5], description="Domain weights to try.")
+    w_instruct: Numbers = Field([0.5, 1.0, 1.5], description="Instruct weights to try.")
+    variants: Variants = Field(["paper"], description="paper (the weights everywhere), instruct_head (lm_head and the "
+                               "final norm from the instruction vector only), instruct_tokens (the chat-control tokens' "
+                               "rows from the instruction vector only).")
     # No default: what "best" means depends on the evaluation sets (e.g. "finance.strict" for a QA set "finance").
-    metric: Optional[str] = None
-    eval: EvalSettings = field(default_factory=EvalSettings)
+    metric: Annotated[Optional[str], Want("a string")] = Field(
+        None, description="What picks the best point: SET.KEY, e.g. `finance.strict`; more, comma-separated, break "
+                          "ties; `-SET.KEY` is minimized. Required for the sweep.")
+
+
+class SweepSettings(SweepGrid):
+    eval: EvalSettings = Field(default_factory=EvalSettings)
 
 
 def metric_value(result: Dict, metric: str) -> Optional[float]:

@@ -13,7 +13,7 @@ import torch
 from finmerge.demo.tiny_models import recipe
 from finmerge.plugins.method import NonFiniteTensorError
 from finmerge.plugins.preflight import RecipeError, preflight
-from merge_helpers import copy_model, pickled_copy, run_merge, tensors
+from merge_helpers import assert_close_state, copy_model, expected_merge, pickled_copy, run_merge, tensors
 
 
 def _config(merge):
@@ -155,9 +155,12 @@ def test_non_empty_out_is_refused_unless_overwrite(tiny_family, tmp_path, monkey
 
 
 def test_empty_out_folder_is_fine(tiny_family, tmp_path):
+    """An existing empty OUT is merged into like an absent one: the whole, correct merge lands there."""
     (tmp_path / "out").mkdir()
     run_merge(recipe(tiny_family), tmp_path / "out")
-    assert (tmp_path / "out" / "config.json").exists()
+    assert_close_state(tensors(tmp_path / "out"), expected_merge(tiny_family))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert _no_partial_left(tmp_path)
 
 
 def _nan_domain(tiny_family, tmp_path):

@@ -130,10 +130,10 @@ def test_unknown_role_rejected_by_parameter_validation():
 
 def test_needs_base_and_two_models():
     models = _models()
-    with pytest.raises(ValueError, match="base"):
+    with pytest.raises(ValueError, match="requires a base input"):
         merge_state_dicts(models, domain_instruct_merge, parameters=ROLES)
     del models["instruct"]
-    with pytest.raises(ValueError, match="2 non-base"):
+    with pytest.raises(ValueError, match=r"requires at least 2 non-base inputs; got 1"):
         merge_state_dicts(models, domain_instruct_merge, parameters={"role": {"domain": "domain"}}, base="base")
 
 

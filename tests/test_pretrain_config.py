@@ -138,12 +138,29 @@ def test_required_fields_and_bad_yaml(tmp_path):
         build_config(None, {"model": "m", "output": "o", "data": ("x",), "replay_ratio": 0.2})
 
 
-def test_example_configs_parse():
+def test_example_configs_parse_to_the_values_they_write():
+    import yaml
+
     files = sorted(glob.glob(os.path.join(ROOT, "recipes", "pretrain-*.yml")))
     assert len(files) >= 3
     for path in files:
+        with open(path, encoding="utf-8") as handle:
+            written = yaml.safe_load(handle)
         config = build_config(path)
-        assert config.model and config.data and config.output_dir and config.seq_len >= 64
+        folder = os.path.dirname(path)
+
+        def as_read(value):  # a relative path is read from the config's folder where it exists there
+            return [value, os.path.join(folder, value)]
+
+        for key, value in written.items():
+            got = getattr(config, key)
+            got = getattr(got, "value", got)  # transformers' enums (lr_scheduler_type)
+            if key in ("model", "output_dir"):
+                assert got in as_read(value), (path, key)
+            elif key in ("data", "replay_data"):
+                assert len(got) == len(value) and all(g in as_read(v) for g, v in zip(got, value)), (path, key)
+            else:
+                assert got == value, (path, key, got)
 
 
 def test_demo_recipe_pretrain_section_builds():

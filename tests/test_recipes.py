@@ -82,9 +82,14 @@ def test_bad_parameters_are_named(tiny_family, edit, message):
 
 
 def test_per_module_entry_without_value_fails_in_mergekits_schema(tiny_family):
+    """mergekit's own schema (not finmerge) refuses a per-module weight entry that has a filter and no value."""
+    from pydantic import ValidationError
+
     merge = recipe(tiny_family, w_domain=[{"filter": "lm_head"}])
-    with pytest.raises(Exception, match="value"):
+    with pytest.raises(ValidationError) as raised:
         MergeConfiguration.model_validate(merge)
+    missing = [e["loc"] for e in raised.value.errors() if e["type"] == "missing"]
+    assert missing == [("models", 0, "parameters", "weight", "list[ConditionalParameter]", 0, "value")]
 
 
 def test_role_in_top_level_parameters_is_refused(tiny_family):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from finmerge.demo.tiny_models import CHATS, CORPUS, recipe
+from merge_helpers import assert_close_state, expected_merge, tensors
 from finmerge.reproduce.recipe import ReproductionError, load_reproduction
 from finmerge.reproduce.report import collect, write_report
 from finmerge.reproduce.run import run_reproduction
@@ -68,7 +69,7 @@ def test_the_reproduction_recipe_still_works_with_plain_mergekit_yaml(tiny_famil
     (tmp_path / "plain.yml").write_text(yaml.safe_dump(data))
     mergekit_yaml = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     subprocess.run([mergekit_yaml, str(tmp_path / "plain.yml"), str(tmp_path / "out")], check=True, capture_output=True, cwd=tmp_path)
-    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert_close_state(tensors(tmp_path / "out"), expected_merge(tiny_family))  # the recipe's merge, not just a file
 
 
 def test_an_interrupted_stage_is_redone(tiny_family, tmp_path):
@@ -88,8 +89,8 @@ def test_an_interrupted_stage_is_redone(tiny_family, tmp_path):
 
 
 @pytest.mark.parametrize("section,message", [
-    ({"stages": ["pretrain", "merge", "publish"]}, r"unknown stage\(s\) 'publish'"),
-    ({"colour": "blue"}, r"unknown key\(s\) in `finmerge:`: colour"),
+    ({"stages": ["pretrain", "merge", "publish"]}, r"finmerge\.stages: unknown value\(s\) 'publish'"),
+    ({"colour": "blue"}, r"finmerge: unknown key\(s\) colour"),
     ({"eval": {"text": "./missing.txt"}}, r"file .*missing\.txt does not exist"),
     ({"eval": {"qa": {"chat": "./qa.jsonl"}, "temperature": 0}}, r"finmerge\.eval: unknown key\(s\) temperature"),
     ({"stages": ["merge", "eval"]}, r"domain model .*domain does not exist \(add the `pretrain` stage"),
@@ -478,13 +479,15 @@ def test_eval_asks_every_model_through_the_recipes_own_template():
     """fin.yml's Alpaca-ja Jinja template reaches the eval settings; mergekit's template names do not."""
     from types import SimpleNamespace
 
-    from finmerge.reproduce.run import _eval_settings, recipe_chat_template
+    from finmerge.reproduce.run import eval_settings, recipe_chat_template
+    from finmerge.reproduce.settings import EvalSection
 
     with open(os.path.join(os.path.dirname(__file__), "..", "recipes", "fin.yml"), encoding="utf-8") as handle:
         fin = yaml.safe_load(handle)
     template = recipe_chat_template(SimpleNamespace(merge=fin))
     assert template == fin["chat_template"] and "### 応答:" in template
-    settings = _eval_settings({"qa": {"x": "x.jsonl"}}, {"trust_remote_code": True, "allow_pickle": False}, template=template)
+    section = EvalSection(qa={"x": "x.jsonl"})
+    settings = eval_settings(section, section, {"trust_remote_code": True, "allow_pickle": False}, template=template)
     assert settings.chat_template == template and settings.trust_remote_code
     for named in ("chatml", "auto", None):
         assert recipe_chat_template(SimpleNamespace(merge={"chat_template": named})) is None
