@@ -51,7 +51,7 @@ def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max
     reproduce` does; the generation knobs come from the recipe's finmerge.eval section.
     """
     from finmerge.evaluation.settings import EvalData
-    from finmerge.reproduce.run import eval_settings, flags_of, pickles_allowed
+    from finmerge.reproduce.run import eval_settings, flags_of
     from finmerge.sweep.run import SweepGrid, SweepSettings, run_sweep, sweep_markdown, write_sweep
 
     merge, eval_section, section, template = _read_recipe(recipe)
@@ -65,8 +65,7 @@ def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max
             **{k: v for k, v in (("w_domain", w_domain), ("w_instruct", w_instruct), ("variants", variants),
                                  ("metric", metric)) if v}}
     settings = SweepSettings(**grid, eval=evaluation)
-    with pickles_allowed(allow_pickle):
-        result = run_sweep(merge, settings, out_dir, log=lambda m: click.echo(m, err=True))
+    result = run_sweep(merge, settings, out_dir, log=lambda m: click.echo(m, err=True))
     paths = write_sweep(result, out_dir)
     click.echo(sweep_markdown(result))
     click.echo(f"best recipe: {paths['recipe']}; heatmap: {paths['png']}")

@@ -8,10 +8,9 @@ recipe.py refuses it) and reach every stage: pretraining, the `mergekit-yaml` su
 (`--trust-remote-code`, FINMERGE_ALLOW_PICKLE=1), evaluation and the sweep.
 """
 
-import contextlib
 import os
 import sys
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Optional
 
 import yaml
 
@@ -85,23 +84,6 @@ def _merge(repro: Reproduction, flags: Dict[str, bool]) -> None:
                            f"(its message is above); the recipe it ran is {recipe_path}")
 
 
-@contextlib.contextmanager
-def pickles_allowed(allow: bool) -> Iterator[None]:
-    """The sweep merges in this process through the plugin, which reads FINMERGE_ALLOW_PICKLE."""
-    before = os.environ.get("FINMERGE_ALLOW_PICKLE")
-    if allow:
-        os.environ["FINMERGE_ALLOW_PICKLE"] = "1"
-    else:
-        os.environ.pop("FINMERGE_ALLOW_PICKLE", None)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("FINMERGE_ALLOW_PICKLE", None)
-        else:
-            os.environ["FINMERGE_ALLOW_PICKLE"] = before
-
-
 def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print, *,
                      trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict:
     """Run the recipe's stages; a second reproduction in the same workdir is refused while this one runs."""
@@ -148,8 +130,7 @@ def _run_stages(repro: Reproduction, threads: Optional[int] = None, log: Callabl
                          [*models.values(), *question_files])
 
         def sweep():
-            with pickles_allowed(flags["allow_pickle"]):
-                result = run_sweep(repro.merge, settings, repro.sweep_dir, log=log, keep_best=repro.best_merge)
+            result = run_sweep(repro.merge, settings, repro.sweep_dir, log=log, keep_best=repro.best_merge)
             write_sweep(result, repro.sweep_dir)
             if "eval" in repro.stages:  # the best merge on the reported (test) data, next to the others
                 write_results(evaluate({"best": repro.best_merge}, report_eval), os.path.join(repro.sweep_dir, "best_eval.json"))

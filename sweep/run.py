@@ -132,15 +132,15 @@ def variant_recipe(recipe: Dict, w_domain: float, w_instruct: float, variant: st
     return merged
 
 
-def _merge(recipe: Dict, out: str, trust_remote_code: bool = False) -> None:
-    import mergekit.merge
+def _merge(recipe: Dict, out: str, evaluation: EvalSettings) -> None:
+    """One grid point, merged the way `finmerge merge` merges (the flags of the sweep's own command line)."""
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    import finmerge.plugins
+    from finmerge.plugins.run import MergeFlags, merge
 
-    finmerge.plugins.register()
-    mergekit.merge.run_merge(MergeConfiguration.model_validate(recipe), out, options=MergeOptions(quiet=True, trust_remote_code=trust_remote_code))
+    merge(MergeConfiguration.model_validate(recipe), out, MergeOptions(quiet=True, trust_remote_code=evaluation.trust_remote_code),
+          MergeFlags(allow_pickle=evaluation.allow_pickle))
 
 
 def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, keep_best: Optional[str] = None) -> Dict:
@@ -160,7 +160,7 @@ def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, ke
             for w_d in settings.w_domain:
                 for w_i in settings.w_instruct:
                     out = os.path.join(scratch, f"{variant}-{w_d}-{w_i}")
-                    _merge(variant_recipe(recipe, w_d, w_i, variant, rows), out, settings.eval.trust_remote_code)
+                    _merge(variant_recipe(recipe, w_d, w_i, variant, rows), out, settings.eval)
                     result = evaluate({"merged": out}, settings.eval)["merged"]
                     key = ranking_key(result, settings.metric)
                     point = {"variant": variant, "w_domain": w_d, "w_instruct": w_i, "result": result,

@@ -80,3 +80,15 @@ def test_no_command_changes_the_environment():
     did not set may be filled in (OMP_WAIT_POLICY, before torch is imported): `setdefault`, not matched."""
     writers = [path for path, text in _sources() if re.search(r"os\.environ\[[^\]]+\]\s*=|os\.environ\.(pop|update)\(", text)]
     assert writers == [], writers
+
+
+def test_the_sweep_merges_through_the_entry_with_its_flags(tiny_family, tmp_path, monkeypatch):
+    import finmerge.plugins.run as run
+    from finmerge.evaluation.settings import EvalSettings
+    from finmerge.sweep.run import _merge
+
+    calls = []
+    monkeypatch.setattr(run, "merge", lambda config, out, options, flags: calls.append((options, flags)))
+    _merge(recipe(tiny_family), str(tmp_path / "point"), EvalSettings(trust_remote_code=True, allow_pickle=True))
+    (options, flags), = calls
+    assert options.trust_remote_code and flags == MergeFlags(allow_pickle=True)

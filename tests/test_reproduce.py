@@ -221,8 +221,7 @@ class Fakes:
 
     def sweep(self, recipe, settings, workdir, log=print, keep_best=None):
         self.calls.append(("sweep", {"trust_remote_code": settings.eval.trust_remote_code,
-                                     "allow_pickle": settings.eval.allow_pickle,
-                                     "env_allow_pickle": os.environ.get("FINMERGE_ALLOW_PICKLE") == "1"}))
+                                     "allow_pickle": settings.eval.allow_pickle}))
         os.makedirs(workdir, exist_ok=True)
         if keep_best:
             os.makedirs(keep_best)
@@ -271,7 +270,7 @@ def test_the_command_line_flags_reach_every_stage_and_the_report(tiny_family, tm
     assert seen["pretrain"] == [flags]
     assert seen["merge"] == [{**flags, "overwrite": False}]
     assert seen["eval"] == [flags, flags]  # the four models, then the sweep's best merge on the reported data
-    assert seen["sweep"] == [{**flags, "env_allow_pickle": on}]
+    assert seen["sweep"] == [flags]  # the sweep merges with these flags (MergeFlags), not through the environment
     assert result["flags"] == flags
     report = collect(repro, result["flags"])
     paths = write_report(report)
