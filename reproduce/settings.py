@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 from finmerge.evaluation.settings import EvalData, EvalKnobs, Want
+from finmerge.safety import generated_docs
 from finmerge.sweep.run import SweepGrid
 
 STAGES = ("pretrain", "merge", "eval", "sweep")
@@ -212,18 +213,8 @@ def section_table() -> str:
 
 def render(document: str) -> str:
     """`document` with the text between the markers replaced by the current table."""
-    head, found, rest = document.partition(BEGIN)
-    if not found or END not in rest:
-        raise ValueError(f"the document has no {BEGIN} ... {END} markers")
-    return head + BEGIN + "\n" + section_table() + "\n" + END + rest.split(END, 1)[1]
-
-
-def main(path: str) -> None:
-    with open(path, encoding="utf-8") as handle:
-        document = handle.read()
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(render(document))
+    return generated_docs.render(document, BEGIN, END, section_table())
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/reproduce.md")
+    generated_docs.rewrite(sys.argv[1] if len(sys.argv) > 1 else "docs/reproduce.md", render)

@@ -46,6 +46,14 @@ def copy_model(source: str, destination, edit_tensors=None, edit_config=None) ->
     return destination
 
 
+def nan_domain(family, folder) -> str:
+    """A copy of the family's domain model with one NaN in model.layers.1.self_attn.o_proj.weight."""
+    def poison(state):
+        state["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
+
+    return copy_model(family.domain, folder, edit_tensors=poison)
+
+
 def pickled_copy(source: str, destination) -> str:
     """A copy of a checkpoint whose weights are only a pickled pytorch_model.bin."""
     destination = copy_model(source, destination)

@@ -17,16 +17,9 @@ import pytest
 
 from finmerge.demo.tiny_models import recipe
 from finmerge.plugins.diagnostics import heatmap
-from merge_helpers import copy_model, run_merge
+from merge_helpers import nan_domain, run_merge
 
 SLOW_IMPORT = 1.5  # seconds: far longer than the failing merge takes to reach its error
-
-
-def _nan_domain(tiny_family, tmp_path):
-    def poison(state):
-        state["model.layers.1.self_attn.o_proj.weight"][0, 0] = float("nan")
-
-    return copy_model(tiny_family.domain, tmp_path / "nan-domain", edit_tensors=poison)
 
 
 def _slow_import(marker):
@@ -44,7 +37,7 @@ def test_failed_merge_waits_for_its_preload_thread(tiny_family, tmp_path, monkey
     marker = tmp_path / "preload-finished"
     monkeypatch.setattr(heatmap, "_import_matplotlib", _slow_import(marker))
     merge = recipe(tiny_family)
-    merge["models"][0]["model"] = _nan_domain(tiny_family, tmp_path)
+    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
     with pytest.raises(Exception, match="NaN or Inf"):
         run_merge(merge, tmp_path / "out")
     assert marker.exists(), "the merge returned while its matplotlib thread was still running"
@@ -68,7 +61,7 @@ def test_failed_diagnosis_waits_for_its_preload_thread(tiny_family, tmp_path, mo
 def test_mergekit_yaml_exits_1_after_its_thread_finished(tiny_family, tmp_path):
     """The whole process, as `mergekit-yaml` runs it: exit status 1, and the thread's work was not cut off."""
     merge = recipe(tiny_family)
-    merge["models"][0]["model"] = _nan_domain(tiny_family, tmp_path)
+    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
     recipe_path = tmp_path / "recipe.yml"
     recipe_path.write_text(json.dumps(merge))
     marker = tmp_path / "preload-finished"
