@@ -254,12 +254,20 @@ def _check_inputs(repro: Reproduction, path: str) -> None:
             raise ReproductionError(f"{path}: pretrain data {data} does not exist")
 
 
+def build_pretrain_config(repro: Reproduction, threads: Optional[int], trust_remote_code: bool, allow_pickle: bool):
+    """The pretrain stage's config: the recipe's fields, its base model in, its domain model out, the flags."""
+    from finmerge.pretrain.config import build_config
+
+    overrides = {**repro.pretrain, "model": repro.model("base"), "output": repro.model("domain")}
+    if threads:
+        overrides["num_threads"] = threads
+    return build_config(None, overrides, trust_remote_code=bool(trust_remote_code), allow_pickle=bool(allow_pickle))
+
+
 def _check_pretrain(repro: Reproduction, path: str, raw: Optional[Dict[str, Any]]) -> None:
     """The pretrain section's fields and values, checked by PretrainConfig itself before anything runs."""
     if "pretrain" not in repro.stages or not repro.pretrain:
         return
-    from finmerge.reproduce.run import build_pretrain_config
-
     try:
         build_pretrain_config(repro, threads=None, trust_remote_code=False, allow_pickle=False)
     except Exception as error:  # a wrong type or value, named by the pretrain config itself

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional
 import yaml
 
 from finmerge.evaluation.settings import EvalData, EvalKnobs, EvalSettings
-from finmerge.reproduce.recipe import Reproduction, check_locations
+from finmerge.reproduce.recipe import Reproduction, build_pretrain_config, check_locations
 from finmerge.reproduce.stages import Stages
 from finmerge.safety.locks import exclusive
 from finmerge.safety.outputs import atomic_write_text
@@ -43,16 +43,6 @@ def recipe_chat_template(repro: Reproduction) -> Optional[str]:
     """
     template = repro.merge.get("chat_template")
     return template if isinstance(template, str) and ("{%" in template or "{{" in template) else None
-
-
-def build_pretrain_config(repro: Reproduction, threads: Optional[int], trust_remote_code: bool, allow_pickle: bool):
-    """The pretrain stage's config: the recipe's fields, its base model in, its domain model out, the flags."""
-    from finmerge.pretrain.config import build_config
-
-    overrides = {**repro.pretrain, "model": repro.model("base"), "output": repro.model("domain")}
-    if threads:
-        overrides["num_threads"] = threads
-    return build_config(None, overrides, **flags_of(trust_remote_code, allow_pickle))
 
 
 def _pretrain(repro: Reproduction, threads: Optional[int], flags: Dict[str, bool]) -> None:
