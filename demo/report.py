@@ -1,5 +1,5 @@
 """The demo's own report sections, added to the reproduction report: the per-relation breakdown,
-every sweep variant on the validation questions, and the issue's targets checked against the table."""
+every sweep variant on the validation questions, and the demo's targets checked against the table."""
 
 from typing import Dict, List, Optional
 
@@ -21,7 +21,7 @@ def sweep_points(sweep: Optional[Dict], qa_set: str = "finance") -> List[Dict]:
 
 
 def targets(results: Dict[str, Dict], label: str) -> Dict[str, Dict]:
-    """The issue's targets for the row `label` (the sweep's best, or the (1,1) merge), from the table's numbers."""
+    """The demo's targets for the row `label` (the sweep's best, or the (1,1) merge), from the table's numbers."""
     row, domain, instruct = results[label]["finance"], results["domain"]["finance"], results["instruct"]["finance"]
     return {
         "finance strict >= 0.30": {"value": row["strict"], "met": row["strict"] >= 0.30},

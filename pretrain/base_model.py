@@ -3,7 +3,7 @@
 Identity by content: the run fingerprint holds the sha256 of every weight file and of config.json, so a
 different checkpoint of the same shape (same file names and sizes) is a different run. Full hashes, not
 a header and a sample: a sample can miss a fine-tune that changed few values. Hashing a 14B checkpoint
-(~28 GB) takes about 4 minutes at the 121 MB/s measured on a 2-core VM, so the digests are cached in
+(~28 GB) means reading all of it (minutes; docs/pretrain.md), so the digests are cached in
 OUT/run.json with each file's (size, mtime_ns, ctime_ns, inode), and shared in the process with
 `finmerge reproduce`'s stage keys (finmerge.safety.hashes): a file is read once per version. For a hub
 model, the files are the local Hugging Face cache snapshot, whose LFS blobs are named by their sha256:

@@ -1,8 +1,8 @@
 """Near-duplicate detection with datasketch: MinHash signatures over character shingles, MinHashLSH buckets.
 
 A document is a near-duplicate when an earlier kept document shares an LSH band with it and the two
-MinHash signatures estimate a Jaccard similarity of at least `threshold` (the same rule as before
-datasketch: LSH only proposes candidates, the estimate decides).
+MinHash signatures estimate a Jaccard similarity of at least `threshold` (LSH only proposes
+candidates; the estimate decides).
 
 Memory per document is its signature: shingles are hashed as the text streams by (`ShingleSketch`),
 SHINGLE_BATCH at a time, and never kept.

@@ -10,7 +10,7 @@ import pytest
 from finmerge.demo.pipeline import QUICK_SWEEP
 from finmerge.demo.world import QUICK, build_world
 
-REQUIRED = {  # the columns: where each lives in a row of the report
+REQUIRED = {  # the report's columns: where each lives in a row of the report
     "finance perplexity": ("domain", "perplexity"),
     "finance MC accuracy (loglik, chat format)": ("finance", "choice_accuracy"),
     "finance chat accuracy (greedy)": ("finance", "accuracy"),

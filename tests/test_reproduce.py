@@ -150,7 +150,7 @@ def _evil_base(tiny_family, tmp_path):
 
 
 def test_a_recipe_cannot_turn_on_remote_code_for_pretraining(tiny_family, tmp_path):
-    """Issue 10, item 1: `finmerge: pretrain: trust_remote_code: true` and no flag ran the base's code."""
+    """`finmerge: pretrain: trust_remote_code: true` and no flag ran the base's code."""
     from tests.bad_input import assert_clean_failure, command, run, snapshot
 
     model, sentinel = _evil_base(tiny_family, tmp_path)
@@ -244,7 +244,7 @@ def _all_stages(tiny_family, tmp_path):
 
 @pytest.mark.parametrize("on", [True, False])
 def test_the_command_line_flags_reach_every_stage_and_the_report(tiny_family, tmp_path, monkeypatch, on):
-    """Issue 9 item 4: the flags reach pretrain, the mergekit-yaml subprocess, eval and the sweep."""
+    """The flags reach pretrain, the mergekit-yaml subprocess, eval and the sweep."""
     import finmerge.pretrain.config as pretrain_config
 
     repro = load_reproduction(_all_stages(tiny_family, tmp_path))
@@ -311,7 +311,7 @@ def _cli_fails(path, *mentions, protect=(), installed=False):
 
 
 def test_output_is_a_users_folder(tiny_family, tmp_path):
-    """Issue 10 item 2: `output: ./precious` removed the user's folder without a word."""
+    """`output: ./precious` once removed the user's folder without a word."""
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("years of work")
     path = _workdir(tiny_family, tmp_path, stages=["merge"], domain=tiny_family.domain, output="./precious")
@@ -336,7 +336,7 @@ def test_output_is_an_ancestor_of_the_workdir(tiny_family, tmp_path):
 
 
 def test_pretrain_output_is_an_existing_domain_model(tiny_family, tmp_path):
-    """Issue 10 item 2: a first run (no stamp) cleared an existing domain model named as the pretrain output."""
+    """A first run (no stamp) cleared an existing domain model named as the pretrain output."""
     import shutil
 
     shutil.copytree(tiny_family.domain, tmp_path / "domain")

@@ -28,7 +28,7 @@ def _import_matplotlib() -> None:
 
 @contextlib.contextmanager
 def matplotlib_preloaded() -> Iterator[threading.Thread]:
-    """Import matplotlib (~0.5-1 s on 2 cores) in a thread while the tensors are measured, not after.
+    """Import matplotlib (a noticeable share of a small merge) in a thread while the tensors are measured.
 
     The thread never outlives the block: it is joined on the way out, whatever ends the block. A
     thread still inside an import when the interpreter shuts down (an early error exits at once) is
