@@ -28,9 +28,9 @@ def diagnose(base, domain, instruct, out_dir, dtype, cache_dir, quiet):
     """
     import torch
 
-    from finmerge.plugins.diagnostics.report import JSON_NAME, MD_NAME
-    from finmerge.plugins.diagnostics.standalone import DiagnoseError
-    from finmerge.plugins.diagnostics.standalone import diagnose as run
+    from finmerge.diagnostics.report import JSON_NAME, MD_NAME
+    from finmerge.diagnostics.standalone import DiagnoseError
+    from finmerge.diagnostics.standalone import diagnose as run
 
     try:
         report = run({"base": base, "domain": domain, "instruct": instruct}, out_dir,

@@ -7,7 +7,7 @@ per chunk the kernel calls `accumulator.update(base, tau_d, tau_i, scratch=buffe
 the compute dtype and a same-size buffer the accumulator may overwrite (so measuring allocates
 nothing). `finish_tensor` must be thread safe, because mergekit's --multi-gpu runs kernels in worker
 threads; an accumulator belongs to one kernel call, so it needs no lock.
-finmerge.plugins.diagnostics.StatsCollector is the implementation.
+finmerge.diagnostics.StatsCollector is the implementation.
 """
 
 import contextlib

@@ -82,7 +82,7 @@ def vocabulary_axis(group: TensorGroup) -> Optional[int]:
     name = group.metadata.name or ""
     if "wpe" in name.split(".") or "position" in name:
         return None  # position embeddings: rows are positions, not tokens
-    from finmerge.plugins.diagnostics.names import module_of
+    from finmerge.diagnostics.names import module_of
 
     return 0 if module_of(name) in ("embed", "lm_head") and group.base.tensor.dim() == 2 else None
 

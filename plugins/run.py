@@ -143,7 +143,7 @@ def _move_into_place(scratch: str, out_path: str) -> None:
 def _write_diagnostics(folder: str, collector: Any, inputs: MergeInputs,
                        auto_rows: Optional[List[Tuple[int, str]]] = None) -> Optional[Any]:
     """The independence report into the merge's folder; a failure here must not cost the merge."""
-    from finmerge.plugins.diagnostics.report import write_report
+    from finmerge.diagnostics.report import write_report
 
     models = {role: str(getattr(inputs, role)) for role in ("base", "domain", "instruct")}
     # per-module weight lists are plain data, but make sure they serialize
@@ -245,8 +245,8 @@ def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: Merg
     collector = None
     preloading = contextlib.nullcontext()
     if diagnostics:
-        from finmerge.plugins.diagnostics import StatsCollector
-        from finmerge.plugins.diagnostics.heatmap import matplotlib_preloaded
+        from finmerge.diagnostics import StatsCollector
+        from finmerge.diagnostics.heatmap import matplotlib_preloaded
 
         collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
         preloading = matplotlib_preloaded()

@@ -13,10 +13,10 @@ from mergekit.merge_methods import merge_state_dicts, merge_tensors
 from diagnostics_helpers import assert_stats_match, concatenated
 from finmerge.plugins import method as method_module
 from finmerge.plugins.collector import active_collector, collecting
-from finmerge.plugins.diagnostics import StatsCollector
-from finmerge.plugins.diagnostics.aggregate import Aggregates
-from finmerge.plugins.diagnostics.names import classify
-from finmerge.plugins.diagnostics.report import write_report
+from finmerge.diagnostics import StatsCollector
+from finmerge.diagnostics.aggregate import Aggregates
+from finmerge.diagnostics.names import classify
+from finmerge.diagnostics.report import write_report
 from finmerge.plugins.method import domain_instruct_merge
 
 ROLES = {"role": {"domain": "domain", "instruct": "instruct"}}
@@ -231,7 +231,7 @@ def test_collector_is_per_merge():
 
 def test_no_statistics_without_an_active_collector(monkeypatch):
     """Without `collecting(...)` the kernel still merges exactly and measures nothing at all."""
-    from finmerge.plugins.diagnostics.stats import TensorAccumulator
+    from finmerge.diagnostics.stats import TensorAccumulator
 
     calls = []
     for cls, name in ((TensorAccumulator, "update"), (StatsCollector, "start_tensor"), (StatsCollector, "finish_tensor")):

@@ -47,7 +47,7 @@ def test_hook_can_be_switched_off_and_register_is_idempotent():
 def test_installed_layout_is_namespaced():
     site = sysconfig.get_paths()["purelib"]
     assert os.path.isfile(os.path.join(site, "finmerge-autoload.pth"))
-    for generic in ("plugins", "pretrain", "cli", "demo", "recipes"):
+    for generic in ("plugins", "diagnostics", "pretrain", "cli", "demo", "recipes"):
         assert not os.path.exists(os.path.join(site, generic)), generic
         assert os.path.isdir(os.path.join(site, "finmerge", generic)), generic
 

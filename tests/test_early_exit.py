@@ -16,7 +16,7 @@ import textwrap
 import pytest
 
 from finmerge.demo.tiny_models import recipe
-from finmerge.plugins.diagnostics import heatmap
+from finmerge.diagnostics import heatmap
 from merge_helpers import nan_domain, run_merge
 
 SLOW_IMPORT = 1.5  # seconds: far longer than the failing merge takes to reach its error
@@ -44,7 +44,7 @@ def test_failed_merge_waits_for_its_preload_thread(tiny_family, tmp_path, monkey
 
 
 def test_failed_diagnosis_waits_for_its_preload_thread(tiny_family, tmp_path, monkeypatch):
-    from finmerge.plugins.diagnostics.standalone import DiagnoseError, diagnose
+    from finmerge.diagnostics.standalone import DiagnoseError, diagnose
 
     marker = tmp_path / "preload-finished"
     monkeypatch.setattr(heatmap, "_import_matplotlib", _slow_import(marker))
@@ -67,7 +67,7 @@ def test_mergekit_yaml_exits_1_after_its_thread_finished(tiny_family, tmp_path):
     marker = tmp_path / "preload-finished"
     script = textwrap.dedent(f"""
         import sys, time
-        from finmerge.plugins.diagnostics import heatmap
+        from finmerge.diagnostics import heatmap
 
         def slow():
             time.sleep({SLOW_IMPORT})

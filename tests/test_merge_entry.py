@@ -10,7 +10,7 @@ from finmerge.demo.tiny_models import recipe
 from finmerge.plugins.run import MergeFlags, merge
 from merge_helpers import tensors
 
-PACKAGE_DIRS = ("plugins", "pretrain", "cli", "demo", "evaluation", "sweep", "reproduce", "safety")
+PACKAGE_DIRS = ("plugins", "diagnostics", "pretrain", "cli", "demo", "evaluation", "sweep", "reproduce", "safety")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

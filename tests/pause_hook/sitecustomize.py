@@ -50,6 +50,6 @@ elif _WHERE == "swap":
 
     _run._move_into_place = _pausing(_run._move_into_place)
 elif _WHERE == "measure":
-    import finmerge.plugins.diagnostics.standalone as _standalone
+    import finmerge.diagnostics.standalone as _standalone
 
     _standalone._Measurer.measure = _pausing(_standalone._Measurer.measure)

@@ -12,7 +12,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from finmerge.plugins.diagnostics.names import classify
+from finmerge.diagnostics.names import classify
 
 
 @dataclass

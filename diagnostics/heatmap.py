@@ -9,8 +9,8 @@ import logging
 import threading
 from typing import Iterator, List, Optional, Tuple
 
-from finmerge.plugins.diagnostics.aggregate import Aggregates
-from finmerge.plugins.diagnostics.render import layer_label
+from finmerge.diagnostics.aggregate import Aggregates
+from finmerge.diagnostics.render import layer_label
 
 LOG = logging.getLogger(__name__)
 LABELLED_CELLS = 80

@@ -3,8 +3,8 @@
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
 
-from finmerge.plugins.diagnostics.names import MODULE_TYPES
-from finmerge.plugins.diagnostics.stats import Sums, TensorStats
+from finmerge.diagnostics.names import MODULE_TYPES
+from finmerge.diagnostics.stats import Sums, TensorStats
 
 
 class Aggregates:

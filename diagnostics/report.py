@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Dict, List, Optional
 
-from finmerge.plugins.diagnostics.aggregate import Aggregates
-from finmerge.plugins.diagnostics.heatmap import draw_heatmap
-from finmerge.plugins.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
-from finmerge.plugins.diagnostics.stats import StatsCollector
+from finmerge.diagnostics.aggregate import Aggregates
+from finmerge.diagnostics.heatmap import draw_heatmap
+from finmerge.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
+from finmerge.diagnostics.stats import StatsCollector
 from finmerge.safety.outputs import atomic_write_files, json_text
 
 SCHEMA = "finmerge.diagnostics/2"

@@ -2,8 +2,8 @@
 
 from typing import List, Optional
 
-from finmerge.plugins.diagnostics.aggregate import Aggregates
-from finmerge.plugins.diagnostics.stats import Sums
+from finmerge.diagnostics.aggregate import Aggregates
+from finmerge.diagnostics.stats import Sums
 
 NA = "n/a"  # an undefined value (cosine with a zero vector, size relative to a zero base)
 COLUMNS = "| {key} | tensors | entries | cos(τ_d, τ_i) | random ± | ‖τ_d‖ | ‖τ_i‖ | ‖τ_d‖/‖θ‖ | ‖τ_i‖/‖θ‖ | same sign | both ≠ 0 |"

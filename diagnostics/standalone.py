@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 import torch
 
 from finmerge.plugins.collector import CHUNK_ELEMENTS
-from finmerge.plugins.diagnostics.report import Report, write_report
-from finmerge.plugins.diagnostics.stats import StatsCollector
-from finmerge.plugins.diagnostics.tensorfile import RangeReader, TensorFileError, TensorLocation, read_header
+from finmerge.diagnostics.report import Report, write_report
+from finmerge.diagnostics.stats import StatsCollector
+from finmerge.diagnostics.tensorfile import RangeReader, TensorFileError, TensorLocation, read_header
 from finmerge.safety.errors import InputError
 from finmerge.safety.outputs import check_output_location
 
@@ -184,7 +184,7 @@ def _finite(value: float) -> bool:
 def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] = None,
              cache_dir: Optional[str] = None, progress: bool = True) -> Report:
     """Measure base/domain/instruct (paths or hub ids) and write the report files into `out`."""
-    from finmerge.plugins.diagnostics.heatmap import matplotlib_preloaded
+    from finmerge.diagnostics.heatmap import matplotlib_preloaded
 
     missing = [role for role in ROLES if not models.get(role)]
     if missing:

@@ -5,6 +5,6 @@ overall from those sums (aggregate), written as diagnostics.json / .md / .png (r
 measures through finmerge.plugins.collector; `finmerge diagnose` reads the checkpoints (standalone).
 """
 
-from finmerge.plugins.diagnostics.stats import StatsCollector, Sums, TensorAccumulator
+from finmerge.diagnostics.stats import StatsCollector, Sums, TensorAccumulator
 
 __all__ = ["StatsCollector", "Sums", "TensorAccumulator"]
