@@ -27,6 +27,18 @@ median of the per-pair ratios (each pair ran side by side, so load from other pr
 heatmap, model card, swap), plus the largest items of the heatmap.
 
     .venv/bin/python benchmarks/bench_merge.py --hidden 576 --intermediate 1536 --layers 30 --vocab 49152 --ratio 7
+
+`--shape nekomata-14b|nekomata-7b`: the paper's model size instead. A Qwen-v1 triplet with the real
+tensor names and shapes (untied lm_head, bf16, --shard-mb shards with an index, remote-code config as
+in tests/qwen_fixture.py); stages io_floor, task_arithmetic, domain_instruct, di_no_diag, diagnose and,
+on request, ta_out1B / di_out1B (mergekit's --out-shard-size 1B), run in turn (the order rotates each
+repeat). Per run: wall, CPU, peak anonymous and peak total RSS of the process tree, bytes read and
+written (logical and from disk) and the multiple of the I/O floor. --shape-layers N keeps the width
+at another depth; --share-layers hard-links the base's layer shards into domain/ and instruct/ (disk of
+about one checkpoint; measures memory and compute, not disk reads of those shards).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_merge.py --shape nekomata-14b --shape-layers 8 \
+        --repeats 1 --stages io_floor,task_arithmetic,domain_instruct,di_no_diag,diagnose,ta_out1B,di_out1B
 """
 
 import argparse
@@ -655,7 +667,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=3456)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shard-mb", type=int, default=400)
+    parser.add_argument("--shard-mb", type=int, default=400, help="shard size (use 2000 with --shape: the hub's ~2 GB)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
