@@ -692,6 +692,8 @@ def main() -> None:
     parser.add_argument("--checkpoints-child", help=argparse.SUPPRESS)
     parser.add_argument("--read-torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shard_mb is None:
+        args.shard_mb = 2000 if args.shape else 400
     if args.io_floor_child:
         io_floor(json.loads(args.io_floor_child[0]), args.io_floor_child[1])
         return
