@@ -27,6 +27,18 @@ median of the per-pair ratios (each pair ran side by side, so load from other pr
 heatmap, model card, swap), plus the largest items of the heatmap.
 
     .venv/bin/python benchmarks/bench_merge.py --hidden 576 --intermediate 1536 --layers 30 --vocab 49152 --ratio 7
+
+`--shape nekomata-14b|nekomata-7b`: the paper's model size instead. A Qwen-v1 triplet with the real
+tensor names and shapes (untied lm_head, bf16, --shard-mb shards with an index, remote-code config as
+in tests/qwen_fixture.py); stages io_floor, task_arithmetic, domain_instruct, di_no_diag, diagnose and,
+on request, ta_out1B / di_out1B (mergekit's --out-shard-size 1B), run in turn (the order rotates each
+repeat). Per run: wall, CPU, peak anonymous and peak total RSS of the process tree, bytes read and
+written (logical and from disk) and the multiple of the I/O floor. --shape-layers N keeps the width
+at another depth; --share-layers hard-links the base's layer shards into domain/ and instruct/ (disk of
+about one checkpoint; measures memory and compute, not disk reads of those shards).
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_merge.py --shape nekomata-14b --shape-layers 8 \
+        --repeats 1 --stages io_floor,task_arithmetic,domain_instruct,di_no_diag,diagnose,ta_out1B,di_out1B
 """
 
 import argparse
@@ -350,13 +362,312 @@ def profile_child(recipe: str, out: str) -> None:
     print(json.dumps({**result, "outside_run_merge": outside}))
 
 
+# ---- the paper's model shapes: Qwen-v1 (nekomata) triplets, memory and I/O per run ----------------
+
+# rinna/nekomata-14b and -7b are Qwen-v1 models: fused qkv with bias, SwiGLU MLP whose w1/w2 have
+# intermediate_size // 2 rows, untied lm_head, vocabulary padded beyond the tokenizer's size.
+QWEN_SHAPES = {
+    "nekomata-14b": {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 27392,
+                     "vocab_size": 152064, "num_attention_heads": 40},
+    "nekomata-7b": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 22016,
+                    "vocab_size": 151936, "num_attention_heads": 32},
+}
+SHAPE_STAGES = ("io_floor", "task_arithmetic", "domain_instruct", "di_no_diag", "diagnose")
+# the same merges with mergekit's output shard at 1 GB instead of its 5 GB default (the writer holds a
+# whole shard in memory before writing it)
+SHAPE_VARIANTS = {"ta_out1B": ("task_arithmetic", ["--out-shard-size", "1B"]),
+                  "di_out1B": ("domain_instruct", ["--out-shard-size", "1B"])}
+POOL = 50_000_017  # values in a random pool; prime, so its period never lines up with a row length
+
+
+def qwen_shapes(hidden: int, intermediate: int, layers: int, vocab: int) -> Dict[str, tuple]:
+    inner = intermediate // 2
+    shapes = {"transformer.wte.weight": (vocab, hidden)}
+    for n in range(layers):
+        p = f"transformer.h.{n}."
+        shapes.update({
+            p + "ln_1.weight": (hidden,), p + "attn.c_attn.weight": (3 * hidden, hidden),
+            p + "attn.c_attn.bias": (3 * hidden,), p + "attn.c_proj.weight": (hidden, hidden),
+            p + "ln_2.weight": (hidden,), p + "mlp.w1.weight": (inner, hidden),
+            p + "mlp.w2.weight": (inner, hidden), p + "mlp.c_proj.weight": (hidden, inner),
+        })
+    shapes.update({"transformer.ln_f.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
+    return shapes
+
+
+def plan_shards(shapes: Dict[str, tuple], shard_bytes: int) -> List[List[str]]:
+    """Tensors in order, a new shard whenever the next tensor would overflow (as save_pretrained does)."""
+    import math
+
+    shards, size = [[]], 0
+    for name, shape in shapes.items():
+        nbytes = math.prod(shape) * 2
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+class RandomPool:
+    """Random bf16 values drawn cheaply: a fixed N(0, 1)·scale pool read from a random offset.
+
+    Generating ~100 GB of independent normals would take longer than the merges it feeds; speed and
+    memory of a merge do not depend on the values, only on their being finite and the roles differing.
+    """
+
+    def __init__(self, seed: int, scale: float):
+        import torch
+
+        self.generator = torch.Generator().manual_seed(seed)
+        self.pool = (torch.randn(POOL, generator=self.generator) * scale).bfloat16()
+
+    def take(self, shape: tuple):
+        import math
+
+        import torch
+
+        n = math.prod(shape)
+        offset = int(torch.randint(POOL, (1,), generator=self.generator))
+        reps = (offset + n) // POOL + 1
+        return self.pool.repeat(reps)[offset: offset + n].reshape(shape).clone()
+
+
+def write_qwen_checkpoints(root: str, args) -> Dict[str, object]:
+    """base, domain = base + noise, instruct = base + other noise, nekomata's layout (remote code,
+    tokenizer, sharded bf16 safetensors with an index).
+
+    --share-layers: domain and instruct hard-link every base shard that holds neither the embedding
+    nor lm_head (their task vectors are zero there); only those two shards differ per role. Disk use
+    drops to about one checkpoint, and the merges still load, compute and write every tensor, but
+    reads of the linked shards hit the same file pages as the base's: it measures memory and
+    compute, not disk reads.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    import qwen_fixture  # the layout the test suite's nekomata-shaped models have (code, tokenizer, config)
+
+    config = {**qwen_fixture.CONFIG, **QWEN_SHAPES[args.shape]}
+    if args.shape_layers:
+        config["num_hidden_layers"] = args.shape_layers
+    shapes = qwen_shapes(config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"],
+                         config["vocab_size"])
+    shards = plan_shards(shapes, args.shard_mb * 1024 * 1024)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    eos = qwen_fixture.eod_id()
+    generation = {"eos_token_id": eos, "pad_token_id": eos, "max_new_tokens": 512, "do_sample": False,
+                  "chat_format": "raw"}
+    paths = {role: os.path.join(root, role) for role in ("base", "domain", "instruct")}
+    for path in paths.values():
+        os.makedirs(path)
+        qwen_fixture._write_code_and_tokenizer(path, generation, 8192)
+        qwen_fixture._write_json(os.path.join(path, "config.json"), {
+            "architectures": ["QWenLMHeadModel"],
+            "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
+                         "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+            "model_type": "qwen", "dtype": "bfloat16", **config})
+    pools = {"base": RandomPool(0, 0.02), "domain": RandomPool(1, 0.002), "instruct": RandomPool(2, 0.001)}
+    ones = {"base": RandomPool(3, 0.05)}
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    linked = 0
+    for members, name in zip(shards, names):
+        distinct = not args.share_layers or any(n in ("transformer.wte.weight", "lm_head.weight") for n in members)
+        tensors = {r: {} for r in paths}
+        for tensor_name in members:
+            shape = shapes[tensor_name]
+            base = pools["base"].take(shape)
+            if ".ln_" in tensor_name:  # norm weights near 1, as trained ones are
+                base = ones["base"].take(shape) + 1.0
+            tensors["base"][tensor_name] = base
+            if distinct:
+                for role in ("domain", "instruct"):
+                    tensors[role][tensor_name] = base + pools[role].take(shape)
+        save_file(tensors["base"], os.path.join(paths["base"], name), metadata={"format": "pt"})
+        for role in ("domain", "instruct"):
+            if distinct:
+                save_file(tensors[role], os.path.join(paths[role], name), metadata={"format": "pt"})
+            else:
+                os.link(os.path.join(paths["base"], name), os.path.join(paths[role], name))
+                linked += 1
+        del tensors
+    weight_map = {n: name for members, name in zip(shards, names) for n in members}
+    for path in paths.values():
+        qwen_fixture._write_json(os.path.join(path, "model.safetensors.index.json"),
+                                 {"metadata": {"total_size": total * 2}, "weight_map": weight_map})
+    print(f"wrote 3 {args.shape}-shaped checkpoints ({config['num_hidden_layers']} layers, {total / 1e9:.2f}B "
+          f"parameters, bf16, {len(shards)} shards each, {linked} shards hard-linked to the base's) under {root}",
+          flush=True)
+    return {"paths": paths, "parameters": total, "shards": len(shards), "linked": linked,
+            "layers": config["num_hidden_layers"], "bytes_each": total * 2}
+
+
+def _descendants(pid: int) -> List[int]:
+    pids, i = [pid], 0
+    while i < len(pids):
+        try:
+            for task in os.listdir(f"/proc/{pids[i]}/task"):
+                with open(f"/proc/{pids[i]}/task/{task}/children") as handle:
+                    pids += [int(c) for c in handle.read().split()]
+        except OSError:
+            pass
+        i += 1
+    return pids
+
+
+class TreeSampler:
+    """Polls a process tree: peak anonymous and peak total RSS (summed over the tree), and each
+    process's last-seen I/O counters.
+
+    Total RSS includes the safetensors files' mapped pages (file-backed, the kernel can drop them
+    under pressure); anonymous RSS is what the merge really holds. Anonymous memory is sampled
+    (every `interval` s), so a spike shorter than that can be missed; total RSS also takes each
+    process's own VmHWM (the kernel's exact peak).
+    """
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        import threading
+
+        self.pid, self.interval = pid, interval
+        self.peak_anon = self.peak_rss = self.peak_hwm = 0
+        self.io: Dict[int, Dict[str, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        anon = rss = 0
+        for pid in _descendants(self.pid):
+            try:
+                with open(f"/proc/{pid}/status") as handle:
+                    fields = dict(line.split(":", 1) for line in handle if ":" in line)
+                with open(f"/proc/{pid}/io") as handle:
+                    self.io[pid] = {k: int(v) for k, v in (line.split(": ") for line in handle)}
+            except (OSError, ValueError):
+                continue
+            kb = lambda key: int(fields.get(key, "0 kB").split()[0])  # noqa: E731
+            anon += kb("RssAnon")
+            rss += kb("VmRSS")
+            self.peak_hwm = max(self.peak_hwm, kb("VmHWM"))
+        self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> Dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        io = {k: sum(p.get(k, 0) for p in self.io.values()) for k in ("rchar", "wchar", "read_bytes", "write_bytes")}
+        return {"anon_gb": self.peak_anon / 1024 / 1024, "rss_gb": max(self.peak_rss, self.peak_hwm) / 1024 / 1024,
+                **{k + "_gb": v / 1e9 for k, v in io.items()}}
+
+
+def run_sampled(command: List[str], env: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """One stage in a child process: wall, CPU (user + system of the whole tree), memory and I/O."""
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env, text=True)
+        sampler = TreeSampler(process.pid)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:  # interrupted: the stage must not go on writing into a folder being removed
+            process.kill()
+            process.wait()
+            sampler.stop()
+            raise
+        wall = time.perf_counter() - start
+        measured = sampler.stop()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({os.waitstatus_to_exitcode(status)}):\n{stderr[-3000:]}")
+    result = {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "load": load, **measured}
+    last = stdout.strip().splitlines()[-1] if stdout.strip() else ""
+    if last.startswith("{"):
+        result.update(json.loads(last))
+    return result
+
+
+def shape_command(stage: str, paths: Dict[str, str], recipes: Dict[str, str], out: str, mergekit_args: List[str]):
+    method, extra = SHAPE_VARIANTS.get(stage, (stage, []))
+    command, env = stage_command(method, "", paths, recipes, out)
+    if method in ("task_arithmetic", "domain_instruct", "di_no_diag"):
+        command += ["--trust-remote-code", *mergekit_args, *extra]  # config.json names remote code, as nekomata's does
+    return command, env
+
+
+def shape_table(runs: List[Dict[str, object]], floor_s: float) -> str:
+    lines = ["| run | stage | wall s | CPU s | floor multiple | peak anon RSS GB | peak total RSS GB | read GB (disk) | "
+             "written GB (disk) | load before |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        multiple = r["wall_s"] / floor_s if floor_s else float("nan")
+        lines.append(f"| {r['repeat']} | {r['stage']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {multiple:.2f}× | "
+                     f"{r['anon_gb']:.2f} | {r['rss_gb']:.2f} | {r['rchar_gb']:.1f} ({r['read_bytes_gb']:.1f}) | "
+                     f"{r['wchar_gb']:.1f} ({r['write_bytes_gb']:.1f}) | {r['load']:.1f} |")
+    return "\n".join(lines)
+
+
+def shape_main(args, stages: List[str]) -> None:
+    """Build a nekomata-shaped triplet, run the stages alternating (order rotated every repeat)."""
+    import signal
+
+    root = tempfile.mkdtemp(prefix="finmerge-bench-", dir=args.workdir)
+    # a killed benchmark still removes its tens of GB of checkpoints (the finally below)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        start = time.perf_counter()
+        forwarded = ["--shape", args.shape, "--shard-mb", str(args.shard_mb)]
+        forwarded += ["--shape-layers", str(args.shape_layers)] if args.shape_layers else []
+        forwarded += ["--share-layers"] if args.share_layers else []
+        made = subprocess.run([sys.executable, __file__, *forwarded, "--checkpoints-child", root],
+                              check=True, capture_output=True, text=True)
+        print(made.stdout.strip().splitlines()[0] + f" in {time.perf_counter() - start:.0f} s", flush=True)
+        built = json.loads(made.stdout.strip().splitlines()[-1])
+        paths = built["paths"]
+        recipes = write_recipes(root, paths)
+        mergekit_args = args.mergekit_args.split()
+        runs: List[Dict[str, object]] = []
+        for repeat in range(args.repeats):
+            shift = repeat % len(stages)
+            for stage in stages[shift:] + stages[:shift]:
+                out = os.path.join(root, f"out-{stage}-{repeat}")
+                result = run_sampled(*shape_command(stage, paths, recipes, out, mergekit_args))
+                if stage == "io_floor":
+                    result["floor_s"] = result["read_s"] + result["write_s"]
+                runs.append({"repeat": repeat + 1, "stage": stage, **result})
+                print(f"{stage} run {repeat + 1}: {result['wall_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU, "
+                      f"anon {result['anon_gb']:.2f} GB, total {result['rss_gb']:.2f} GB, read "
+                      f"{result['rchar_gb']:.1f} GB (disk {result['read_bytes_gb']:.1f}), written "
+                      f"{result['wchar_gb']:.1f} GB (load before {result['load']:.1f})", flush=True)
+                shutil.rmtree(out, ignore_errors=True)
+        floors = [r["floor_s"] for r in runs if r["stage"] == "io_floor"]
+        floor_s = min(floors) if floors else 0.0
+        print(f"\nmachine: {machine()}")
+        print(f"checkpoints: {args.shape} shape, {built['layers']} layers, {built['parameters'] / 1e9:.2f}B parameters "
+              f"({built['bytes_each'] / 1e9:.1f} GB each), {built['shards']} shards, {built['linked']} hard-linked; "
+              f"mergekit options: {args.mergekit_args or '(defaults)'}; I/O floor {floor_s:.0f} s\n")
+        print(shape_table(runs, floor_s))
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"machine": machine(), "args": vars(args), "checkpoints": {k: v for k, v in built.items()
+                           if k != "paths"}, "floor_s": floor_s, "runs": runs}, handle, indent=2)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=1280)
     parser.add_argument("--intermediate", type=int, default=3456)
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shard-mb", type=int, default=400)
+    parser.add_argument("--shard-mb", type=int, default=400, help="shard size (use 2000 with --shape: the hub's ~2 GB)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--workdir", help="where the checkpoints go (default: a temporary folder)")
@@ -367,11 +678,22 @@ def main() -> None:
     parser.add_argument("--ratio-against", default="domain_instruct",
                         help="comma-separated: domain_instruct (with diagnostics) and/or di_no_diag")
     parser.add_argument("--profile", action="store_true", help="also profile one domain_instruct merge in-process")
+    parser.add_argument("--shape", choices=sorted(QWEN_SHAPES),
+                        help="a Qwen-v1 triplet shaped like the paper's models (stages: "
+                             f"{','.join(SHAPE_STAGES)}; per run: wall, CPU, peak anonymous and total RSS, I/O)")
+    parser.add_argument("--shape-layers", type=int, default=0,
+                        help="with --shape: this many layers at the model's width (default: the model's own)")
+    parser.add_argument("--share-layers", action="store_true",
+                        help="with --shape: domain/instruct hard-link the base's layer shards (disk of one checkpoint)")
+    parser.add_argument("--mergekit-args", default="", help="with --shape: extra mergekit-yaml options, e.g. "
+                                                              "'--out-shard-size 1B'")
     parser.add_argument("--io-floor-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--profile-child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoints-child", help=argparse.SUPPRESS)
     parser.add_argument("--read-torch-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.shard_mb is None:
+        args.shard_mb = 2000 if args.shape else 400
     if args.io_floor_child:
         io_floor(json.loads(args.io_floor_child[0]), args.io_floor_child[1])
         return
@@ -382,12 +704,19 @@ def main() -> None:
         profile_child(*args.profile_child)
         return
     if args.checkpoints_child:
-        print(json.dumps(write_checkpoints(args.checkpoints_child, args)))
+        writer = write_qwen_checkpoints if args.shape else write_checkpoints
+        print(json.dumps(writer(args.checkpoints_child, args)))
         return
+    if args.shape and args.stages == ",".join(STAGES):
+        args.stages = ",".join(SHAPE_STAGES)
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - set(STAGES)
+    allowed = SHAPE_STAGES + tuple(SHAPE_VARIANTS) if args.shape else STAGES
+    unknown = set(stages) - set(allowed)
     if unknown:
-        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
+        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {allowed}")
+    if args.shape:
+        shape_main(args, stages)
+        return
     root = tempfile.mkdtemp(prefix="finmerge-bench-", dir=args.workdir)
     try:
         # generated in a child, so this process stays small (it never imports torch)
