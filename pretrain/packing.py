@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 from .config import PretrainError
 
@@ -129,12 +129,6 @@ class DocumentTokenizer:
         yield self.encode(["".join(document.pieces())])[0]
 
 
-def tokenize_documents(texts: Iterable[Union[str, object]], tokenizer, batch_size: int = 256) -> Iterator[List[int]]:
-    """Token ids of each text (or CleanDocument), in order, each ending with exactly one EOS."""
-    for _, chunks in DocumentTokenizer(tokenizer, batch_size).documents(texts):
-        yield [i for ids in chunks for i in ids]
-
-
 class Packer:
     """Concatenate token lists and emit full blocks of `seq_len`; `tail` holds what is left over.
 
@@ -160,13 +154,6 @@ class Packer:
     @property
     def tail(self) -> int:
         return len(self.buffer)
-
-
-def pack(documents: Iterable[List[int]], seq_len: int) -> Tuple[List[List[int]], int]:
-    """All full blocks of the documents, and the number of trailing tokens that did not fill a block."""
-    packer = Packer(seq_len)
-    blocks = [block for ids in documents for block in packer.add(ids)]
-    return blocks, packer.tail
 
 
 def document_position_ids(block: List[int], eos_id: int) -> List[int]:

@@ -3,8 +3,11 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
+import unicodedata
+from types import SimpleNamespace
 from typing import List
 
 NAMES = ["Aurora", "Velm", "Oskar", "Tane", "Boreal", "Cobalt", "Delta", "Ember", "Fjord", "Garnet", "Harbor", "Iris"]
@@ -53,3 +56,47 @@ def load_weights(folder: str):
         if name.endswith(".safetensors"):
             weights.update(load_file(os.path.join(folder, name)))
     return weights
+
+
+from finmerge.pretrain import packing  # noqa: E402
+
+
+# Whole-corpus conveniences over the streaming classes, for tests that compare with a by-hand result.
+def tokenize_documents(texts, tokenizer, batch_size: int = 256):
+    """Token ids of each text (or CleanDocument), in order, each ending with exactly one EOS."""
+    for _, chunks in packing.DocumentTokenizer(tokenizer, batch_size).documents(texts):
+        yield [i for ids in chunks for i in ids]
+
+
+def pack(documents, seq_len: int):
+    """All full blocks of the documents, and the number of trailing tokens that did not fill a block."""
+    packer = packing.Packer(seq_len)
+    blocks = [block for ids in documents for block in packer.add(ids)]
+    return blocks, packer.tail
+
+
+# The corpus settings the data pipeline reads (the attribute names of the pretrain config), with its defaults.
+CORPUS_DEFAULTS = dict(data=["x"], text_field="text", txt_document="file", dataset_config=None, dataset_split="train",
+                       streaming=False, nfkc=False, normalize_whitespace=True, min_chars=20, dedup=True,
+                       near_dedup=True, near_dedup_threshold=0.85, shingle_chars=5, eval_fraction=0.02,
+                       max_eval_blocks=256, seq_len=2048, document_isolation=False, replay_data=[], replay_ratio=0.0)
+
+
+def corpus_config(**overrides):
+    """The corpus settings of a PretrainConfig, as a plain namespace, with `overrides`."""
+    return SimpleNamespace(**{**CORPUS_DEFAULTS, **overrides})
+
+
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def normalize_whole(text, nfkc, whitespace):
+    """Oracle: the whole-text normalization (NFKC, then per-line whitespace cleanup, then blank-line cap)."""
+    if nfkc:
+        text = unicodedata.normalize("NFKC", text)
+    if whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
+        text = _BLANKS.sub("\n\n", text).strip()
+    return text

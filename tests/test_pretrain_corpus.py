@@ -2,10 +2,7 @@
 
 import os
 import random
-import re
 import tracemalloc
-import unicodedata
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,16 +11,7 @@ from finmerge.pretrain.config import PretrainError
 from finmerge.pretrain.corpus import (Cleaner, NearDuplicateIndex, SourceReport, StreamNormalizer, holdout_fraction,
                                       lsh_bands, normalize, read_source, resolve_sources, safe_chunks, text_digest)
 from finmerge.pretrain.data import interleave_replay
-
-# The corpus settings the data pipeline reads (the attribute names of the pretrain config), with its defaults.
-CORPUS_DEFAULTS = dict(data=["x"], text_field="text", txt_document="file", dataset_config=None, dataset_split="train",
-                       streaming=False, nfkc=False, normalize_whitespace=True, min_chars=20, dedup=True,
-                       near_dedup=True, near_dedup_threshold=0.85, shingle_chars=5, eval_fraction=0.02,
-                       max_eval_blocks=256, seq_len=2048, document_isolation=False, replay_data=[], replay_ratio=0.0)
-
-
-def _config(**overrides):
-    return SimpleNamespace(**{**CORPUS_DEFAULTS, **overrides})
+from pretrain_fixtures import corpus_config as _config, normalize_whole as _normalize_whole
 
 
 def _texts(documents, report):
@@ -280,21 +268,6 @@ def test_a_long_document_in_chunks_keeps_its_place_in_the_replay_mix():
 
 
 # --- streaming: long documents are cut on safe places and give exactly the whole-text result ---------------
-
-_SPACES = re.compile(r"[^\S\n]+")
-_BLANKS = re.compile(r"\n{3,}")
-
-
-def _normalize_whole(text, nfkc, whitespace):
-    """Oracle: the whole-text normalization (NFKC, then per-line whitespace cleanup, then blank-line cap)."""
-    if nfkc:
-        text = unicodedata.normalize("NFKC", text)
-    if whitespace:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-        text = "\n".join(_SPACES.sub(" ", line).strip() for line in text.split("\n"))
-        text = _BLANKS.sub("\n\n", text).strip()
-    return text
-
 
 def test_streaming_normalization_equals_whole_text_normalization():
     rng = random.Random(0)

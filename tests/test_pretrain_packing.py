@@ -13,9 +13,8 @@ from finmerge.pretrain.config import PretrainConfig
 from finmerge.pretrain.corpus import resolve_sources
 from finmerge.pretrain.data import build_blocks
 from finmerge.pretrain.packing import (BlockCollator, BlockWriter, DocumentTokenizer, Packer, check_isolation,
-                                       document_position_ids, load_blocks, pack, tokenize_documents)
-from pretrain_fixtures import finance_documents, write_jsonl
-from test_pretrain_corpus import _config, _normalize_whole
+                                       document_position_ids, load_blocks)
+from pretrain_fixtures import corpus_config as _config, finance_documents, normalize_whole as _normalize_whole, pack, tokenize_documents, write_jsonl
 
 
 @pytest.fixture(scope="module")
