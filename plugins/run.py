@@ -2,11 +2,14 @@
 
 Checks the recipe first (preflight), takes a lock beside OUT (`.OUT.lock`: one merge per OUT at a
 time), lets mergekit write into a scratch folder beside OUT (`.OUT.partial-PID`), turns the result
-into a working instruct model, and only then swaps it into place. A crash or Ctrl-C at any point
-leaves OUT as it was; the scratch folder is removed. After a hard kill a scratch folder stays; the
-next merge into the same OUT names it, and removes it when asked (`--remove-stale`,
+into a working instruct model, and only then swaps it into place. A crash, Ctrl-C or SIGTERM at
+any point leaves OUT as it was; the scratch folder is removed. After a hard kill a scratch folder
+stays; the next merge into the same OUT names it, and removes it when asked (`--remove-stale`,
 FINMERGE_REMOVE_STALE=1) if the process in its name is gone. Other merge methods pass straight
 through to mergekit.
+
+`merge()` is the one entry finmerge's commands use; what they may do beyond mergekit's options is a
+`MergeFlags`, which only plain `mergekit-yaml`'s adapter (the import hook) reads from FINMERGE_* variables.
 """
 
 import contextlib
