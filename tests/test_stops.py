@@ -23,7 +23,9 @@ BIN = os.path.dirname(sys.executable)
 
 def _start(command, where, marker, **env):
     env = dict(os.environ, PYTHONPATH=HOOK, FINMERGE_TEST_PAUSE=f"{where}:{marker}", HF_HUB_OFFLINE="1", **env)
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs (a CI runner's, `make test &`) with SIGINT ignored, and children
+    # inherit that; a user's terminal does not. Give the process the default, as at a terminal.
+    return subprocess.Popen(command, env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(marker, process, timeout=300):
