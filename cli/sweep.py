@@ -1,4 +1,4 @@
-"""`finmerge sweep RECIPE`: the merge over a grid of weights and per-module variants, best by one metric."""
+"""`finmerge sweep RECIPE`: the merge over a grid of weights and per-module variants, best by a metric and/or chosen without labels."""
 
 import click
 
@@ -37,15 +37,19 @@ def _read_recipe(path: str):
               help="Comma-separated: paper (weights everywhere; the default), instruct_head (lm_head and final "
               "norm from the instruction vector only), instruct_tokens (the chat-control tokens' embedding and lm_head rows "
               "from the instruction vector only).")
-@click.option("--metric", help="Required (here or as finmerge.sweep.metric): what to maximize, SET.KEY, e.g. finance.strict "
+@click.option("--metric", help="What picks the best point from labelled data (here or as finmerge.sweep.metric; this and/or --prompts is required): what to maximize, SET.KEY, e.g. finance.strict "
               "for --qa finance=...; more, comma-separated, break ties; -SET.KEY minimizes.")
+@click.option("--prompts", type=click.Path(exists=True, dir_okay=False), help="User prompts without answers (.txt, one per "
+              "line, or JSONL with `question`): with --text, also make the data-free choice (no labelled answer is read). "
+              "Default: the recipe's finmerge.sweep.prompts.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), help="Answer length limit for greedy answers (default: the recipe's finmerge.eval.max_new_tokens).")
 @click.option("--no-generate", is_flag=True, help="Skip greedy generation (likelihood metrics only; default: the recipe's finmerge.eval.generate).")
 @click.option("--trust-remote-code", is_flag=True, help="Let the models' own Python code run (merges and evaluation); needed for models that ship code (e.g. nekomata). Command line only: a recipe that sets it is refused.")
 @click.option("--allow-pickle", is_flag=True, help="Read models stored only as pickled .bin weights (unpickling can run code). Command line only.")
-def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max_new_tokens, no_generate,
+def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, prompts, max_new_tokens, no_generate,
           trust_remote_code, allow_pickle):
-    """Merge RECIPE for every (w_domain, w_instruct) and variant, evaluate each, report the best.
+    """Merge RECIPE for every (w_domain, w_instruct) and variant, evaluate each, report the best by --metric
+    (labelled questions) and/or the data-free choice (--prompts and --text: no labelled answer read).
 
     Every model is asked through the recipe's own Jinja `chat_template:` when it has one, as `finmerge
     reproduce` does; the generation knobs come from the recipe's finmerge.eval section.
@@ -63,9 +67,11 @@ def sweep(recipe, out_dir, qa, text, w_domain, w_instruct, variants, metric, max
     evaluation = eval_settings(data, eval_section, flags, template, **{k: v for k, v in given.items() if v is not None})
     grid = {**section.model_dump(include=set(SweepGrid.model_fields), exclude_unset=True),
             **{k: v for k, v in (("w_domain", w_domain), ("w_instruct", w_instruct), ("variants", variants),
-                                 ("metric", metric)) if v}}
+                                 ("metric", metric), ("prompts", prompts)) if v}}
     settings = SweepSettings(**grid, eval=evaluation)
     result = run_sweep(merge, settings, out_dir, log=lambda m: click.echo(m, err=True))
     paths = write_sweep(result, out_dir)
     click.echo(sweep_markdown(result))
-    click.echo(f"best recipe: {paths['recipe']}; heatmap: {paths['png']}")
+    recipes = [f"{what}: {paths[key]}" for key, what in (("recipe", "best recipe"), ("data_free_recipe", "data-free recipe"))
+               if key in paths]
+    click.echo("; ".join(recipes + [f"heatmap: {paths['png']}"]))

@@ -12,14 +12,15 @@ import yaml
 
 from finmerge.demo import family as fam
 from finmerge.demo import report as demo_report
-from finmerge.demo.breakdown import answer_each, by_relation
+from finmerge.demo import breakdown as answers
 from finmerge.demo.world import QUICK, WorldSize, build_world, write_world
 from finmerge.reproduce.stages import Stages, stage_key
-from finmerge.safety.outputs import atomic_write_json, atomic_write_text
+from finmerge.safety.outputs import atomic_write_text
 
 # --quick: the same path on a smaller world and model, for the test suite.
 QUICK_DOMAIN = dict(seq_len=96, per_device_train_batch_size=16, max_steps=60, learning_rate=2e-3, save_steps=30, logging_steps=5)
 QUICK_SWEEP = dict(w_domain=[1.0], w_instruct=[1.0, 1.5], variants=["paper", "instruct_head", "instruct_tokens"])
+QUICK_BASELINES = ["task_arithmetic", "ties"]
 
 
 def _split_questions(world_dir: str, world: Dict, seed: int) -> None:
@@ -34,11 +35,26 @@ def _split_questions(world_dir: str, world: Dict, seed: int) -> None:
             handle.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def _split_for_selection(world_dir: str, folder: str) -> None:
+    """What a user without labelled data has, beside the reported data: held-out domain documents cut in
+    two (one half chooses the data-free merge, the other is reported) and the validation questions'
+    prompts alone (their answers are not copied)."""
+    from finmerge.evaluation.data import load_prompts, load_texts
+
+    os.makedirs(folder, exist_ok=True)
+    documents = load_texts(os.path.join(world_dir, "finance_heldout_text.txt"))
+    for name, part in (("finance_val_text", documents[::2]), ("finance_test_text", documents[1::2])):
+        atomic_write_text(os.path.join(folder, f"{name}.txt"), "\n\n".join(part) + "\n")
+    prompts = load_prompts(os.path.join(world_dir, "finance_val.jsonl"))
+    atomic_write_text(os.path.join(folder, "finance_prompts.txt"), "".join(p.replace("\n", " ") + "\n" for p in prompts))
+
+
 def demo_recipe(quick: bool) -> Dict:
     recipe = yaml.safe_load(resources.files("finmerge").joinpath("recipes/demo.yml").read_text(encoding="utf-8"))
     if quick:
         recipe["finmerge"]["pretrain"].update(QUICK_DOMAIN)
         recipe["finmerge"]["sweep"].update(QUICK_SWEEP)
+        recipe["finmerge"]["baselines"] = list(QUICK_BASELINES)
     return recipe
 
 
@@ -80,27 +96,22 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
     stages.run("instruct", stage_key(fam.settings_dict(settings), [base]),
                lambda: fam.fine_tune_instruct(base, instruct, world["instruct_chats"], settings, threads), output=instruct)
 
+    stages.run("split", stage_key({"split": "halves of the held-out documents; val prompts"}, [world_dir]),
+               lambda: _split_for_selection(world_dir, os.path.join(out_dir, "split")), output=os.path.join(out_dir, "split"))
     recipe_path = os.path.join(out_dir, "recipe.yml")
     with open(recipe_path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(demo_recipe(quick), handle, sort_keys=False)
     repro = load_reproduction(recipe_path, workdir=out_dir)
     run_reproduction(repro, threads=threads, log=log)
-    breakdown_path = os.path.join(out_dir, "breakdown.json")
-    best_merge = os.path.join(out_dir, "best-merge")
-    finance_relations = sorted({f["relation"] for f in world["facts"] if f["domain"] == "finance"})
-    stages.run("breakdown", stage_key({"eval": repro.eval.given(), "relations": finance_relations},
-                                      [repro.output, best_merge, instruct, world_dir]),
-               lambda: _breakdown(repro, best_merge, instruct, world_dir, finance_relations, breakdown_path))
     report = collect(repro)
-    with open(breakdown_path, encoding="utf-8") as handle:
-        breakdown = json.load(handle)
+    finance_relations = sorted({f["relation"] for f in world["facts"] if f["domain"] == "finance"})
+    breakdown = _breakdown(out_dir, report, world_dir, finance_relations)
     with open(os.path.join(out_dir, "sweep", "sweep.json"), encoding="utf-8") as handle:
         points = demo_report.sweep_points(json.load(handle))
-    best_label = next(label for label in report["results"] if label.startswith("sweep best"))
     report["demo"] = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), "threads": threads,
                       "world": size.__dict__, "family": fam.settings_dict(settings),
                       "breakdown": breakdown, "sweep_points": points,
-                      "targets": {label: demo_report.targets(report["results"], label) for label in ("merged", best_label)}}
+                      "targets": demo_report.all_targets(report["results"])}
     paths = write_report(report, title="finmerge demo: " + ("quick world" if quick else "tiny financial world"))
     with open(paths["md"], encoding="utf-8") as handle:
         markdown = handle.read()
@@ -108,17 +119,24 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
     return {"report": report, "paths": paths}
 
 
-def _breakdown(repro, best_merge: str, instruct: str, world_dir: str, finance_relations, out: str) -> None:
+def _breakdown(out_dir: str, report: Dict, world_dir: str, finance_relations) -> Dict:
     """Per-question answers of the merges on the finance test questions, and of the instruct model on
-    general entities it never chatted about, for the same relation types."""
-    knobs = dict(turn_end=repro.eval.turn_end, max_new_tokens=repro.eval.max_new_tokens)
+    general entities it never chatted about, for the same relation types: from the answers the
+    evaluation kept (eval.json, sweep/best_eval.json), no question asked again."""
+    def load(path):
+        with open(os.path.join(out_dir, path), encoding="utf-8") as handle:
+            return json.load(handle)
+
+    evaluated, chosen = load("eval.json"), load(os.path.join("sweep", "best_eval.json"))
     finance_qa = os.path.join(world_dir, "finance_test.jsonl")
+    labels = {label: label for label in report["results"] if label.startswith(("sweep best", "data-free choice"))}
+    sources = {"merged (1, 1)": evaluated["merged"],
+               **{label: chosen["best" if label.startswith("sweep best") else "data_free"] for label in labels}}
     finance = {}
-    for label, path in (("merged (1, 1)", repro.output), ("sweep best", best_merge)):
-        records = answer_each(path, finance_qa, label=label, **knobs)
-        finance[label] = {"records": records, "by_relation": by_relation(records)}
+    for label, result in sources.items():
+        records = answers.records(result["finance"], finance_qa)
+        finance[label] = {"records": records, "by_relation": answers.by_relation(records)}
     wanted = set(finance_relations)
-    records = answer_each(instruct, os.path.join(world_dir, "general_test.jsonl"), label="instruct",
-                          keep=lambda item: item.extra.get("relation") in wanted, **knobs)
-    atomic_write_json(out, {"finance_test": finance,
-                            "general_same_relations": {"records": records, "by_relation": by_relation(records)}})
+    general = answers.records(evaluated["instruct"]["general"], os.path.join(world_dir, "general_test.jsonl"),
+                              keep=lambda item: item.extra.get("relation") in wanted)
+    return {"finance_test": finance, "general_same_relations": {"records": general, "by_relation": answers.by_relation(general)}}

@@ -34,6 +34,30 @@ def targets(results: Dict[str, Dict], label: str) -> Dict[str, Dict]:
     }
 
 
+def all_targets(results: Dict[str, Dict]) -> Dict[str, Dict]:
+    """The targets of the (1, 1) merge, the label-chosen sweep best and the data-free choice; the data-free
+    choice is also held against the label-chosen best, the (1, 1) merge and every mergekit baseline."""
+    from finmerge.sweep.baselines import BASELINES
+
+    labels = ["merged"] + [label for label in results if label.startswith(("sweep best", "data-free choice"))]
+    out = {label: targets(results, label) for label in labels}
+    free = next((label for label in labels if label.startswith("data-free choice")), None)
+    best = next((label for label in labels if label.startswith("sweep best")), None)
+    if free:
+        strict = results[free]["finance"]["strict"]
+        checks = out[free]
+        if best:
+            reference = results[best]["finance"]["strict"]
+            checks["finance strict >= 90% of the label-chosen best's"] = {
+                "value": strict / reference if reference else None, "met": strict >= 0.9 * reference}
+        checks["finance strict above the (1, 1) merge"] = {"value": strict, "met": strict > results["merged"]["finance"]["strict"]}
+        baselines = [label for label in results if label in BASELINES]
+        if baselines:
+            top = max(results[label]["finance"]["strict"] for label in baselines)
+            checks["finance strict above every mergekit baseline"] = {"value": top, "met": strict > top}
+    return out
+
+
 def render(demo: Dict) -> str:
     lines = []
     breakdown = demo["breakdown"]

@@ -67,6 +67,35 @@ def load_qa(path: str) -> List[QAItem]:
     return items
 
 
+def load_prompts(path: str) -> List[str]:
+    """User prompts without answers: a .txt file (one prompt per line) or JSONL with "question".
+
+    Only the prompt text is returned; any other key of a JSONL line ("answer" included) is never
+    read, so what is computed from prompts cannot depend on labelled answers.
+    """
+    if not os.path.isfile(path):
+        raise EvalDataError(f"prompts file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        if not path.endswith(".jsonl"):
+            prompts.append(line.strip())
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise EvalDataError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be one JSON object "
+                                "with a 'question' string (or use a .txt file, one prompt per line)") from None
+        question = row.get("question") if isinstance(row, dict) else None
+        if not isinstance(question, str) or not question.strip():
+            raise EvalDataError(f"{path}:{number}: expected a JSON object with a non-empty 'question' string")
+        prompts.append(question)
+    if not prompts:
+        raise EvalDataError(f"prompts file {path} holds no prompts")
+    return prompts
+
+
 def _lines(path: str) -> List[str]:
     """The file's lines; a file that is not UTF-8 text is named with the byte offset."""
     try:

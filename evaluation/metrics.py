@@ -10,7 +10,7 @@
 
 import math
 import re
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -146,25 +146,28 @@ def _eos_ids(model, tokenizer) -> List[int]:
     return [eos] if isinstance(eos, int) else list(eos or [])
 
 
+def _turn_tokens(model, tokenizer, turn_end: Optional[str]):
+    """(ids that end the turn properly, ids that stop generation): `turn_end` when given, else the model's eos."""
+    own_eos = _eos_ids(model, tokenizer)
+    turn_ids = [tokenizer.convert_tokens_to_ids(turn_end)] if turn_end else own_eos
+    return turn_ids, list(dict.fromkeys(own_eos + turn_ids))
+
+
 @torch.no_grad()
-def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Optional[str] = None,
-                    max_new_tokens: int = 32, batch_size: int = 32, turn_end: Optional[str] = None,
-                    progress: Progress = None) -> Dict[str, object]:
-    """Greedy answers: share containing the reference, share ending the turn properly, both.
+def greedy_answers(model, tokenizer, questions: Sequence[str], chat_template: Optional[str] = None,
+                   max_new_tokens: int = 32, batch_size: int = 32, turn_end: Optional[str] = None,
+                   progress: Progress = None) -> List[Tuple[str, bool]]:
+    """(answer text, whether it ended the turn properly) per question, greedy, in the order given.
 
     The turn ends properly with `turn_end` (a token, e.g. the instruct model's end-of-turn) when
     given, else with the model's own eos. Generation stops at either.
     """
-    own_eos = _eos_ids(model, tokenizer)
-    turn_ids = [tokenizer.convert_tokens_to_ids(turn_end)] if turn_end else own_eos
-    eos = list(dict.fromkeys(own_eos + turn_ids))
+    turn_ids, eos = _turn_tokens(model, tokenizer, turn_end)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    correct = ended = strict = 0
-    samples = []
     device = input_device(model)
     cache = generation_cache_kwargs(model)
-    prompts = [chat_prompt_ids(tokenizer, item.question, chat_template) for item in items]
-    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+    prompts = [chat_prompt_ids(tokenizer, question, chat_template) for question in questions]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
     answers: Dict[int, List[int]] = {}
     for batch_order in _batches(order, batch_size):
         batch_prompts = [prompts[i] for i in batch_order]
@@ -177,16 +180,32 @@ def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Op
         answers.update(zip(batch_order, generated))
         if progress:
             progress(len(batch_order))
-    for index, item in enumerate(items):
+    out = []
+    for index in range(len(prompts)):
         tokens = answers[index]
         stop = next((i for i, t in enumerate(tokens) if t in eos), None)
-        answer = tokenizer.decode(tokens[:stop] if stop is not None else tokens, skip_special_tokens=True)
+        text = tokenizer.decode(tokens[:stop] if stop is not None else tokens, skip_special_tokens=True)
+        out.append((text, stop is not None and tokens[stop] in turn_ids))
+    return out
+
+
+def chat_generation(model, tokenizer, items: Sequence[QAItem], chat_template: Optional[str] = None,
+                    max_new_tokens: int = 32, batch_size: int = 32, turn_end: Optional[str] = None,
+                    progress: Progress = None) -> Dict[str, object]:
+    """Greedy answers: share containing the reference, share ending the turn properly, both; and every
+    answer in the order of `items` ("answers": answer, hit, ended), for breakdowns without asking again."""
+    correct = ended = strict = 0
+    samples, records = [], []
+    answers = greedy_answers(model, tokenizer, [item.question for item in items], chat_template, max_new_tokens,
+                             batch_size, turn_end, progress)
+    for item, (answer, proper_end) in zip(items, answers):
         hit = _normalize(item.expected) in _normalize(answer)
-        proper_end = stop is not None and tokens[stop] in turn_ids
         correct += hit
         ended += proper_end
         strict += hit and proper_end
+        records.append({"answer": answer.strip(), "hit": hit, "ended": proper_end})
         if len(samples) < 5:
             samples.append({"question": item.question, "reference": item.expected, "answer": answer, "ended": proper_end})
     n = len(items)
-    return {"accuracy": correct / n, "ends_with_eos": ended / n, "strict": strict / n, "questions": n, "samples": samples}
+    return {"accuracy": correct / n, "ends_with_eos": ended / n, "strict": strict / n, "questions": n, "samples": samples,
+            "answers": records}

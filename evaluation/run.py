@@ -113,6 +113,29 @@ def _own_metrics(result: Dict, label: str, path: str, texts, text_bytes, qa_sets
     bar.close()
 
 
+def without_answers(result: Dict) -> Dict:
+    """One model's results without the per-question answers (for tables and sweeps; eval.json keeps them)."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "answers"} if isinstance(v, dict) else v) for k, v in result.items()}
+
+
+def answer_prompts(path: str, prompts: List[str], settings: EvalSettings) -> List[Tuple[str, bool]]:
+    """The model's greedy answers to `prompts`, asked as `evaluate` asks (the given template, else its
+    own): (answer, whether it ended the turn) per prompt."""
+    from finmerge.evaluation import metrics
+    from finmerge.evaluation.devices import free
+
+    template, _, _ = _shared_template([path], settings)
+    model, tokenizer = load_model(path, settings.trust_remote_code, settings.allow_pickle, settings.device, settings.dtype)
+    if template is None:
+        raise EvalDataError(f"model {path} has no chat template: give the recipe's chat_template or --chat-template-from")
+    try:
+        return metrics.greedy_answers(model, tokenizer, prompts, template, settings.max_new_tokens,
+                                      settings.batch_size * 2, settings.turn_end)
+    finally:
+        del model
+        free()
+
+
 def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> Dict[str, Dict]:
     """{label: {metric: value}} for every model, one model in memory at a time.
 

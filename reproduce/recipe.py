@@ -62,6 +62,7 @@ class Reproduction:
     pretrain: Optional[Dict[str, Any]] = None  # `finmerge pretrain` fields, checked by PretrainConfig
     eval: EvalSection = field(default_factory=EvalSection)
     sweep: Optional[SweepSection] = None
+    baselines: List[str] = field(default_factory=list)  # mergekit methods (finmerge.sweep.baselines)
 
     def model(self, role: str) -> str:
         if role == "base":
@@ -76,6 +77,14 @@ class Reproduction:
     def best_merge(self) -> str:
         return os.path.join(self.workdir, "best-merge")
 
+    @property
+    def data_free_merge(self) -> str:
+        return os.path.join(self.workdir, "data-free-merge")
+
+    @property
+    def baselines_dir(self) -> str:
+        return os.path.join(self.workdir, "baselines")
+
     def outputs(self) -> Dict[str, str]:
         """The folders this reproduction creates (and may later delete), by what they are."""
         named = {}
@@ -86,6 +95,9 @@ class Reproduction:
         if "sweep" in self.stages:
             named["sweep folder"] = self.sweep_dir
             named["sweep's best merge"] = self.best_merge
+            named["sweep's data-free choice"] = self.data_free_merge
+        if "baselines" in self.stages:
+            named["baselines folder"] = self.baselines_dir
         return named
 
     def inputs(self) -> List[str]:
@@ -95,7 +107,7 @@ class Reproduction:
         if "merge" not in self.stages:
             files.append(self.output)  # eval reads an existing merged model
         for section in filter(None, (self.eval, self.sweep)):
-            files += [section.text, *section.qa.values()]
+            files += [section.text, getattr(section, "prompts", None), *section.qa.values()]
         for key in ("data", "replay_data"):
             files += [d for d in (self.pretrain or {}).get(key, []) if _local_data(d)]
         return [f for f in files if f and os.path.isabs(f)] + [self.path]
@@ -149,7 +161,7 @@ def load_reproduction(path: str, workdir: Optional[str] = None) -> Reproduction:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ReproductionError(f"{_where(path, ['finmerge'])}finmerge must be a mapping (workdir, output, stages, "
-                                f"pretrain, eval, sweep), not {type(raw).__name__}")
+                                f"pretrain, eval, baselines, sweep), not {type(raw).__name__}")
     try:
         section = FinmergeSection.model_validate(raw)
     except ValidationError as error:
@@ -163,6 +175,7 @@ def load_reproduction(path: str, workdir: Optional[str] = None) -> Reproduction:
         pretrain=_pretrain_section(raw.get("pretrain"), workdir, path),
         eval=_files(section.eval or EvalSection(), workdir),
         sweep=_files(section.sweep, workdir) if section.sweep else None,
+        baselines=list(section.baselines or []),
     )
     _check_inputs(repro, path)
     _check_pretrain(repro, path, raw.get("pretrain"))
@@ -213,6 +226,8 @@ def _files(section, workdir: str):
         update["text"] = _absolute(section.text, workdir)
     if section.qa:
         update["qa"] = {name: _absolute(p, workdir) for name, p in section.qa.items()}
+    if getattr(section, "prompts", None):
+        update["prompts"] = _absolute(section.prompts, workdir)
     return section.model_copy(update=update)
 
 
@@ -243,7 +258,7 @@ def _check_inputs(repro: Reproduction, path: str) -> None:
                                 "add the `merge` stage")
     files = [repro.eval.text, *repro.eval.qa.values()]
     if repro.sweep:
-        files += [repro.sweep.text, *repro.sweep.qa.values()]
+        files += [repro.sweep.text, repro.sweep.prompts, *repro.sweep.qa.values()]
     for file in filter(None, files):
         if not os.path.exists(file):
             raise ReproductionError(f"{path}: file {file} does not exist")
@@ -311,7 +326,7 @@ def check_locations(repro: Reproduction) -> None:
             hint = ""
             if output == repro.model("domain") and "pretrain" in repro.stages:
                 hint = " To use an existing domain model instead of training one, remove `pretrain` from `finmerge.stages`."
-            elif output in (repro.sweep_dir, repro.best_merge):
+            elif output in (repro.sweep_dir, repro.best_merge, repro.data_free_merge, repro.baselines_dir):
                 hint = " (The sweep writes into the workdir: or give another one with --workdir.)"
             raise ReproductionError(
                 f"{path}: the {what} {output} already exists and was not created by finmerge (no {MARKER} marker); "

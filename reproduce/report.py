@@ -5,7 +5,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-from finmerge.evaluation.run import markdown_table
+from finmerge.evaluation.run import markdown_table, without_answers
 from finmerge.reproduce.recipe import Reproduction
 from finmerge.safety.outputs import atomic_write_files, json_text
 
@@ -29,9 +29,11 @@ def collect(repro: Reproduction, flags: Optional[Dict[str, bool]] = None) -> Dic
     rows = _load(os.path.join(repro.workdir, "eval.json")) or {}
     sweep = _load(os.path.join(repro.workdir, "sweep", "sweep.json"))
     best_eval = _load(os.path.join(repro.workdir, "sweep", "best_eval.json"))
-    if sweep and best_eval:
-        best = sweep["best"]
-        rows[f"sweep best ({best['variant']}, w_d={best['w_domain']}, w_i={best['w_instruct']})"] = best_eval["best"]
+    rows.update(_load(os.path.join(repro.baselines_dir, "baselines.json")) or {})
+    for name, label in (("best", "sweep best"), ("data_free", "data-free choice")):
+        point = (sweep or {}).get(name)
+        if point and name in (best_eval or {}):
+            rows[f"{label} ({point['variant']}, w_d={point['w_domain']}, w_i={point['w_instruct']})"] = best_eval[name]
     diagnostics = _load(os.path.join(repro.output, "diagnostics.json"))
     pretrain = _load(os.path.join(repro.model("domain"), "training_summary.json")) if "pretrain" in repro.stages else None
     plots = {name: path for name, path in {
@@ -39,12 +41,14 @@ def collect(repro: Reproduction, flags: Optional[Dict[str, bool]] = None) -> Dic
         "diagnostics heatmap": os.path.join(repro.output, (diagnostics or {}).get("heatmap") or "diagnostics.png"),
         "sweep": os.path.join(repro.workdir, "sweep", "sweep.png"),
     }.items() if os.path.isfile(path)}
+    rows = {label: without_answers(result) for label, result in rows.items()}  # eval.json keeps every answer
     return {
         "recipe": repro.path, "workdir": repro.workdir, "merged": repro.output, "stages": repro.stages,
         "flags": {"trust_remote_code": False, "allow_pickle": False, **(flags or {})},
         "models": {r: repro.model(r) for r in ("base", "domain", "instruct")},
         "results": rows,
-        "sweep": {k: sweep[k] for k in ("metric", "best")} if sweep else None,
+        "sweep": {k: sweep.get(k) for k in ("metric", "best", "data_free")} if sweep else None,
+        "baselines": repro.baselines,
         "diagnostics": {k: diagnostics.get(k) for k in ("verdict", "overall", "by_module")} if diagnostics else None,
         "pretrain": {k: pretrain.get(k) for k in ("steps", "tokens_seen", "train_loss", "heldout_before", "heldout_after", "data")
                      if k in pretrain} if pretrain else None,
@@ -89,11 +93,22 @@ def render(report: Dict[str, Any], title: str = "finmerge reproduction") -> str:
             lines.append(f"| {m['module']} | {_fmt(m['cos'])} | {_fmt(m['random_cos_std'], '.4f')} | "
                          f"{_fmt(m['rel_domain'], '.4f')} | {_fmt(m['rel_instruct'], '.4f')} |")
         lines.append("")
-    if report.get("sweep"):
-        best = report["sweep"]["best"]
-        lines += ["## Weight sweep", "", f"Best by `{report['sweep']['metric']}` on the sweep's own (validation) data: "
-                  f"variant `{best['variant']}`, w_domain={best['w_domain']}, w_instruct={best['w_instruct']} "
-                  f"({_fmt(best['metric'])}). Its numbers on the reported data are the `sweep best` row above.", ""]
+    sweep = report.get("sweep") or {}
+    if sweep.get("best") or sweep.get("data_free"):
+        lines += ["## Weight sweep", ""]
+        best, free = sweep.get("best"), sweep.get("data_free")
+        if best:
+            lines += [f"Best by `{sweep['metric']}` on the sweep's own labelled (validation) data: variant "
+                      f"`{best['variant']}`, w_domain={best['w_domain']}, w_instruct={best['w_instruct']} "
+                      f"({_fmt(best['metric'])}). Its numbers on the reported data are the `sweep best` row above.", ""]
+        if free:
+            lines += [f"Data-free choice (no labelled answer read): variant `{free['variant']}`, "
+                      f"w_domain={free['w_domain']}, w_instruct={free['w_instruct']}, by the rule: {free['rule']}. "
+                      f"The instruct model ends {_fmt(free['instruct']['turn_end'])} of its answers to the "
+                      f"{free['instruct']['prompts']} prompts. Its numbers are the `data-free choice` row above.", ""]
+    if report.get("baselines"):
+        lines += [f"Baselines: mergekit's own methods ({', '.join(report['baselines'])}) on the same three models at "
+                  "their documented defaults, by plain `mergekit-multi`; each row is named by its method.", ""]
     samples = _samples(report["results"])
     if samples:
         lines += ["## Sample greedy answers", "", "| model | set | question | expected | answer | ended the turn |", "|---|---|---|---|---|---|"]

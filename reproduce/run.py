@@ -74,6 +74,32 @@ def _merge(repro: Reproduction, flags: Dict[str, bool]) -> None:
                            f"(its message is above); the recipe it ran is {recipe_path}")
 
 
+def _baselines(repro: Reproduction, flags: Dict[str, bool], report_eval: EvalSettings, log: Callable[[str], None]) -> None:
+    """mergekit's own methods on the same three models, by plain `mergekit-multi` (one process for all of
+    them, each recipe as `mergekit-yaml` would read it), then evaluated as the merge is."""
+    from finmerge.evaluation.run import evaluate, write_results
+    from finmerge.sweep.baselines import baseline_recipe
+
+    recipe_path = os.path.join(repro.workdir, ".stages", "baselines-recipes.yml")
+    # mergekit-multi takes any string equal to a merge's name for a reference to that merge, the method
+    # name included: a merge named "ties" would depend on itself
+    folders = {method: f"{method}-merge" for method in repro.baselines}
+    recipes = [{"name": folders[method], **baseline_recipe(repro.merge, method)} for method in repro.baselines]
+    atomic_write_text(recipe_path, yaml.safe_dump_all(recipes, sort_keys=False))
+    models = os.path.join(repro.baselines_dir, "models")
+    command = [os.path.join(os.path.dirname(sys.executable), "mergekit-multi"), recipe_path, "--intermediate-dir", models,
+               "--no-lazy", "--random-seed", "0", "--quiet"]  # seeded: dare_ties and della drop at random
+    if flags["trust_remote_code"]:
+        command.append("--trust-remote-code")
+    returncode = run_child(command)
+    if returncode != 0:
+        raise RuntimeError(f"the baselines stage failed: mergekit-multi exited with code {returncode} (its message is "
+                           f"above); the recipes it ran are {recipe_path}")
+    results = evaluate({method: os.path.join(models, folder) for method, folder in folders.items()}, report_eval,
+                       progress=lambda m: log(f"[baselines] {m} evaluated"))
+    write_results(results, os.path.join(repro.baselines_dir, "baselines.json"))
+
+
 def run_reproduction(repro: Reproduction, threads: Optional[int] = None, log: Callable[[str], None] = print, *,
                      trust_remote_code: bool = False, allow_pickle: bool = False) -> Dict:
     """Run the recipe's stages; a second reproduction in the same workdir is refused while this one runs."""
@@ -110,21 +136,29 @@ def _run_stages(repro: Reproduction, threads: Optional[int] = None, log: Callabl
         stages.run("eval", key, lambda: write_results(evaluate({**models, "merged": repro.output}, report_eval,
                                                                  progress=lambda m: log(f"[eval] {m} done")), results_path),
                    files=[results_path])
+    if "baselines" in repro.stages:
+        key = stages.key({**common, "baselines": repro.baselines, "eval": repro.eval.given(), "merge": repro.merge},
+                         [*models.values(), report_eval.text or "", *report_eval.qa.values()])
+        stages.run("baselines", key, lambda: _baselines(repro, flags, report_eval, log), outputs=[repro.baselines_dir])
     if "sweep" in repro.stages:
         section = repro.sweep
         settings = SweepSettings(**section.model_dump(include=set(SweepGrid.model_fields)),
                                  eval=eval_settings(section, repro.eval, flags, template))
-        # the sweep reads its own question files, and the best merge is evaluated on the reported ones
-        question_files = [settings.eval.text or "", *settings.eval.qa.values(), report_eval.text or "", *report_eval.qa.values()]
+        # the sweep reads its own question files, and the chosen merges are evaluated on the reported ones
+        question_files = [settings.eval.text or "", settings.prompts or "", *settings.eval.qa.values(),
+                          report_eval.text or "", *report_eval.qa.values()]
         key = stages.key({**common, "sweep": section.given(), "eval": repro.eval.given(), "merge": repro.merge},
                          [*models.values(), *question_files])
 
         def sweep():
-            result = run_sweep(repro.merge, settings, repro.sweep_dir, log=log, keep_best=repro.best_merge)
+            result = run_sweep(repro.merge, settings, repro.sweep_dir, log=log, keep_best=repro.best_merge,
+                               keep_data_free=repro.data_free_merge)
             write_sweep(result, repro.sweep_dir)
-            if "eval" in repro.stages:  # the best merge on the reported (test) data, next to the others
-                write_results(evaluate({"best": repro.best_merge}, report_eval), os.path.join(repro.sweep_dir, "best_eval.json"))
+            chosen = {name: path for name, path in (("best", repro.best_merge), ("data_free", repro.data_free_merge))
+                      if result.get(name)}
+            if "eval" in repro.stages:  # the chosen merges on the reported (test) data, next to the others
+                write_results(evaluate(chosen, report_eval), os.path.join(repro.sweep_dir, "best_eval.json"))
 
-        stages.run("sweep", key, sweep, outputs=[repro.sweep_dir], moved_in=[repro.best_merge])
+        stages.run("sweep", key, sweep, outputs=[repro.sweep_dir], moved_in=[repro.best_merge, repro.data_free_merge])
     return {"stages": dict(stages.skipped), "seconds": dict(stages.timings), "eval": results_path,
             "sweep": repro.sweep_dir if "sweep" in repro.stages else None, "flags": flags}

@@ -18,13 +18,16 @@ from pydantic.fields import FieldInfo
 
 from finmerge.evaluation.settings import EvalData, EvalKnobs, Want
 from finmerge.safety import generated_docs
+from finmerge.sweep.baselines import BASELINES
 from finmerge.sweep.run import SweepGrid
 
-STAGES = ("pretrain", "merge", "eval", "sweep")
+STAGES = ("pretrain", "merge", "eval", "baselines", "sweep")
 
 Folder = Annotated[Optional[Annotated[str, Field(min_length=1)]], Want("a folder path (string)")]
 Stages = Annotated[Optional[Annotated[List[Literal[STAGES]], Field(min_length=1)]],
                    Want(f"a non-empty list of stage names ({', '.join(STAGES)})")]
+Baselines = Annotated[Optional[Annotated[List[Literal[tuple(BASELINES)]], Field(min_length=1)]],
+                      Want(f"a non-empty list of mergekit methods ({', '.join(BASELINES)})")]
 PretrainFields = Annotated[Optional[Dict[str, Any]], Want("a mapping of `finmerge pretrain` fields")]
 
 
@@ -70,6 +73,9 @@ class FinmergeSection(RecipeSection):
                                                        "docs/pretrain.md); `model` and `output` are the recipe's "
                                                        "base and domain models and cannot be set.")
     eval: Optional[EvalSection] = Field(None, description="The reported evaluation (fields below).")
+    baselines: Baselines = Field(None, description="mergekit's own methods to merge the same three models with, at "
+                                                   "their documented defaults, by plain `mergekit-multi`; each is "
+                                                   "evaluated like the merge and reported under its method name.")
     sweep: Optional[SweepSection] = Field(None, description="The weight sweep (fields below).")
 
     @model_validator(mode="before")
@@ -93,9 +99,16 @@ class FinmergeSection(RecipeSection):
             raise ValueError("stage `eval` needs `finmerge.eval:` with `text` and/or `qa`")
         if "sweep" in stages and not self.sweep:
             raise ValueError("stage `sweep` needs a `finmerge.sweep:` section")
-        if "sweep" in stages and not self.sweep.metric:
-            raise ValueError("`finmerge.sweep.metric` is required: the metric that picks the best point, SET.KEY such "
-                             "as finance.strict (more, comma-separated, break ties)")
+        if "sweep" in stages and not (self.sweep.metric or self.sweep.prompts):
+            raise ValueError("`finmerge.sweep` needs `metric` (labelled data: the metric that picks the best point, "
+                             "SET.KEY such as finance.strict) and/or `prompts` with `text` (the data-free choice)")
+        if self.sweep and self.sweep.prompts and not self.sweep.text:
+            raise ValueError("`finmerge.sweep.prompts` needs `finmerge.sweep.text` (held-out domain text): the "
+                             "data-free choice reads both")
+        if "baselines" in stages and not self.baselines:
+            raise ValueError("stage `baselines` needs `finmerge.baselines:`, a list of mergekit methods")
+        if "baselines" in stages and "eval" not in stages:
+            raise ValueError("stage `baselines` needs stage `eval`: each baseline is evaluated as the merge is")
         if self.sweep and not (self.sweep.text or self.sweep.qa):
             raise ValueError("finmerge.sweep needs validation data: `qa` and/or `text`")
         return self

@@ -53,4 +53,8 @@ def baseline_recipe(recipe: Dict[str, Any], method: str, dtype: Optional[str] = 
     for key in ("tokenizer_source", "tokenizer", "chat_template", "out_dtype"):
         if key in recipe:
             merged[key] = copy.deepcopy(recipe[key])
+    if "tokenizer_source" not in merged and "tokenizer" not in merged:
+        # a chat model needs the instruct model's tokenizer and chat template (mergekit's default is the base's,
+        # which has none), as domain_instruct writes them
+        merged["tokenizer_source"] = roles["instruct"]
     return merged

@@ -14,7 +14,8 @@ from typing import Annotated, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from finmerge.evaluation.run import evaluate
+from finmerge.evaluation.run import evaluate, without_answers
+from finmerge.sweep import data_free
 from finmerge.evaluation.settings import EvalSettings, Want
 from finmerge.safety.errors import InputError
 from finmerge.safety.outputs import atomic_write_files
@@ -50,8 +51,12 @@ class SweepGrid(BaseModel):
                                "rows from the instruction vector only).")
     # No default: what "best" means depends on the evaluation sets (e.g. "finance.strict" for a QA set "finance").
     metric: Annotated[Optional[str], Want("a string")] = Field(
-        None, description="What picks the best point: SET.KEY, e.g. `finance.strict`; more, comma-separated, break "
-                          "ties; `-SET.KEY` is minimized. Required for the sweep.")
+        None, description="What picks the best point from labelled data: SET.KEY, e.g. `finance.strict`; more, "
+                          "comma-separated, break ties; `-SET.KEY` is minimized. This and/or `prompts` is required.")
+    prompts: Annotated[Optional[str], Want("a file path (string)")] = Field(
+        None, description="User prompts without answers (.txt, one per line, or JSONL with `question`; any answer in "
+                          "it is never read): with the held-out domain `text`, the sweep also makes the data-free "
+                          "choice (no labelled data: turn ends on these prompts, bits/byte of the text).")
 
 
 class SweepSettings(SweepGrid):
@@ -143,46 +148,109 @@ def _merge(recipe: Dict, out: str, evaluation: EvalSettings) -> None:
           MergeFlags(allow_pickle=evaluation.allow_pickle))
 
 
-def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, keep_best: Optional[str] = None) -> Dict:
-    """Evaluate every grid point; returns {"points": [...], "best": {...}}; `keep_best` keeps the best merge there."""
-    if not settings.metric:
-        raise SweepError("no sweep metric: give --metric SET.KEY (or finmerge.sweep.metric in the recipe), "
-                         "e.g. finance.strict for a QA set named finance")
+def _check(settings: SweepSettings) -> None:
+    if not settings.metric and not settings.prompts:
+        raise SweepError("nothing picks the best point: give --metric SET.KEY (labelled data, e.g. finance.strict for a "
+                         "QA set named finance) and/or --prompts FILE with --text FILE (the data-free choice), or set "
+                         "them in the recipe's finmerge.sweep")
     unknown = [v for v in settings.variants if v not in DOMAIN_FILTERS]
     if unknown:
         raise SweepError(f"unknown sweep variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
+    data_free.check_settings(settings.prompts, settings.eval.text, settings.eval.qa)
+
+
+def run_sweep(recipe: Dict, settings: SweepSettings, workdir: str, log=print, keep_best: Optional[str] = None,
+              keep_data_free: Optional[str] = None) -> Dict:
+    """Evaluate every grid point; returns {"points", "best" (by the metric), "data_free" (with prompts)};
+    `keep_best` / `keep_data_free` keep those merges there."""
+    _check(settings)
     rows = chat_control_rows(recipe, settings.eval.trust_remote_code) if "instruct_tokens" in settings.variants else None
     os.makedirs(workdir, exist_ok=True)
-    points, best, best_dir = [], None, None
+    points, best, best_key, best_dir = [], None, None, None
     scratch = tempfile.mkdtemp(prefix=".sweep-", dir=workdir)
     try:
+        evaluation, reference = settings.eval, None
+        if settings.prompts:
+            instruct = instruct_tokenizer_path(recipe)
+            reference = data_free.instruct_reference(instruct, settings.prompts, evaluation,
+                                                     os.path.join(scratch, "instruct-answers.jsonl"))
+            log(f"sweep: the instruct model ends {reference['turn_end']:.3f} of its answers to {settings.prompts} with the turn end")
+            evaluation = evaluation.model_copy(update={"qa": {**evaluation.qa, data_free.PROMPTS_SET: reference["file"]}})
         for variant in settings.variants:
             for w_d in settings.w_domain:
                 for w_i in settings.w_instruct:
                     out = os.path.join(scratch, f"{variant}-{w_d}-{w_i}")
                     _merge(variant_recipe(recipe, w_d, w_i, variant, rows), out, settings.eval)
-                    result = evaluate({"merged": out}, settings.eval)["merged"]
-                    key = ranking_key(result, settings.metric)
-                    point = {"variant": variant, "w_domain": w_d, "w_instruct": w_i, "result": result,
-                             "metric": metric_value(result, settings.metric.split(",")[0].strip()),
-                             "ranking": list(key) if key else None}
+                    result = without_answers(evaluate({"merged": out}, evaluation)["merged"])
+                    point = {"variant": variant, "w_domain": w_d, "w_instruct": w_i, "result": result}
+                    message = f"sweep {variant} w_domain={w_d} w_instruct={w_i}:"
+                    key = None
+                    if settings.metric:
+                        key = ranking_key(result, settings.metric)
+                        point.update(metric=metric_value(result, settings.metric.split(",")[0].strip()),
+                                     ranking=list(key) if key else None)
+                        message += f" {settings.metric}={point['ranking']}"
+                    if reference:
+                        point["data_free"] = data_free.signals(result)
+                        message += " " + " ".join(f"{k}={_short(v)}" for k, v in point["data_free"].items())
                     points.append(point)
-                    log(f"sweep {variant} w_domain={w_d} w_instruct={w_i}: {settings.metric}={point['ranking']}")
-                    if key is not None and (best is None or key > tuple(best["ranking"])):
+                    log(message)
+                    if key is not None and (best_key is None or key > best_key):
                         if best_dir:
                             shutil.rmtree(best_dir)
-                        best, best_dir = point, out
+                        best, best_key, best_dir = point, key, out
                     else:
                         shutil.rmtree(out)
-        if best is None:
+        if settings.metric and best is None:
             raise SweepError(f"metric {settings.metric!r} was not computed for any grid point; check the eval sets")
-        if keep_best:
+        free = data_free.rank(points, reference["turn_end"])[0] if reference else None
+        if keep_best and best_dir:
             shutil.rmtree(keep_best, ignore_errors=True)
-            os.rename(best_dir, keep_best)
+            # the data-free choice may be the same point: hard links make a second copy cost no disk
+            shutil.copytree(best_dir, keep_best, copy_function=_link_or_copy)
+        if keep_data_free and free:
+            shutil.rmtree(keep_data_free, ignore_errors=True)
+            if best is free:
+                shutil.copytree(best_dir, keep_data_free, copy_function=_link_or_copy)
+            else:  # its folder went when a better labelled point came: merged again, the same merge
+                _merge(variant_recipe(recipe, free["w_domain"], free["w_instruct"], free["variant"], rows),
+                       keep_data_free, settings.eval)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    best = {**best, "recipe": variant_recipe(recipe, best["w_domain"], best["w_instruct"], best["variant"], rows)}
-    return {"metric": settings.metric, "points": points, "best": best}
+    result = {"metric": settings.metric, "points": points}
+    for name, point in (("best", best), ("data_free", free)):
+        if point is not None:
+            result[name] = {**point, "recipe": variant_recipe(recipe, point["w_domain"], point["w_instruct"], point["variant"], rows)}
+    if reference:
+        result["data_free"].update(rule=data_free.rule_text(), instruct={k: reference[k] for k in ("turn_end", "prompts", "answered")})
+    return result
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _short(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def shown_metrics(sweep: Dict) -> List[str]:
+    """What the table and the heatmap show: the labelled metric(s), then the data-free signals."""
+    names = [m.strip() for m in (sweep.get("metric") or "").split(",") if m.strip()]
+    if sweep.get("data_free"):
+        names += [data_free.KNOWLEDGE, data_free.TURN_END, data_free.CLOSENESS]
+    return names
+
+
+def _label(point: Dict) -> str:
+    return f"{point['variant']}, w_domain={point['w_domain']}, w_instruct={point['w_instruct']}"
+
+
+def _same(a: Optional[Dict], b: Dict) -> bool:
+    return bool(a) and (a["variant"], a["w_domain"], a["w_instruct"]) == (b["variant"], b["w_domain"], b["w_instruct"])
 
 
 def heatmap(sweep: Dict, path: str) -> None:
@@ -192,7 +260,7 @@ def heatmap(sweep: Dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m.strip().lstrip("-") for m in sweep["metric"].split(",")]
+    metrics = [m.lstrip("-") for m in shown_metrics(sweep)]
     variants = list(dict.fromkeys(p["variant"] for p in sweep["points"]))
     rows = sorted({p["w_domain"] for p in sweep["points"]})
     cols = sorted({p["w_instruct"] for p in sweep["points"]})
@@ -215,33 +283,38 @@ def heatmap(sweep: Dict, path: str) -> None:
             ax.set_ylabel("w_domain")
             ax.set_title(f"{metric} ({variant})", fontsize=10)
             fig.colorbar(image, ax=ax, shrink=0.8)
-    best = sweep["best"]
-    fig.suptitle(f"weight sweep (best: {best['variant']}, w_domain={best['w_domain']}, w_instruct={best['w_instruct']})")
+    titles = [f"{name}: {_label(sweep[key])}" for key, name in (("best", "best by metric"), ("data_free", "data-free"))
+              if sweep.get(key)]
+    fig.suptitle("weight sweep (" + "; ".join(titles) + ")")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def sweep_markdown(sweep: Dict) -> str:
-    names = [m.strip() for m in sweep["metric"].split(",")]
-    lines = [f"| variant | w_domain | w_instruct | {' | '.join(names)} |", "|---" * (3 + len(names)) + "|"]
+    names = shown_metrics(sweep)
+    lines = [f"| variant | w_domain | w_instruct | {' | '.join(names)} | chosen |", "|---" * (4 + len(names)) + "|"]
     for p in sweep["points"]:
-        mark = " **best**" if (p["variant"], p["w_domain"], p["w_instruct"]) == (sweep["best"]["variant"], sweep["best"]["w_domain"], sweep["best"]["w_instruct"]) else ""
+        marks = [name for key, name in (("best", "best by metric"), ("data_free", "data-free")) if _same(sweep.get(key), p)]
         values = [metric_value(p["result"], n) for n in names]
         cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
-        lines.append(f"| {p['variant']} | {p['w_domain']} | {p['w_instruct']} | {' | '.join(cells)}{mark} |")
+        lines.append(f"| {p['variant']} | {p['w_domain']} | {p['w_instruct']} | {' | '.join(cells)} | {', '.join(marks)} |")
     return "\n".join(lines)
 
 
 def write_sweep(sweep: Dict, folder: str) -> Dict[str, str]:
+    """sweep.json/.md/.png and a recipe per choice: best-recipe.yml (by the metric), data-free-recipe.yml."""
     import yaml
 
     os.makedirs(folder, exist_ok=True)
     paths = {"json": os.path.join(folder, "sweep.json"), "md": os.path.join(folder, "sweep.md"),
-             "png": os.path.join(folder, "sweep.png"), "recipe": os.path.join(folder, "best-recipe.yml")}
+             "png": os.path.join(folder, "sweep.png")}
+    recipes = {name: os.path.join(folder, file) for name, file in (("best", "best-recipe.yml"), ("data_free", "data-free-recipe.yml"))
+               if sweep.get(name)}
+    paths.update({"recipe" if name == "best" else "data_free_recipe": path for name, path in recipes.items()})
     # the results all or none (a full disk leaves the previous ones); the plot first, it is not the result
     heatmap(sweep, paths["png"])
     atomic_write_files({paths["md"]: sweep_markdown(sweep) + "\n",
-                        paths["recipe"]: yaml.safe_dump(sweep["best"]["recipe"], sort_keys=False),
+                        **{path: yaml.safe_dump(sweep[name]["recipe"], sort_keys=False) for name, path in recipes.items()},
                         paths["json"]: json.dumps(sweep, indent=2)})
     return paths

@@ -97,11 +97,17 @@ CASES = {
     "finmerge is a list": (lambda d, w, f: d.update(finmerge=["merge"]), ["finmerge must be a mapping"]),
     "unknown finmerge key": (_set("outptu"), ["finmerge: unknown key(s) outptu", "(known: eval, output"]),
     "sweep without a metric": (lambda d, w, f: d["finmerge"]["sweep"].pop("metric") and None,
-                               ["finmerge.sweep.metric` is required"]),
+                               ["`finmerge.sweep` needs `metric`", "and/or `prompts` with `text`"]),
+    "sweep prompts without text": (lambda d, w, f: d["finmerge"]["sweep"].update(prompts="p.txt") and None,
+                                   ["`finmerge.sweep.prompts` needs `finmerge.sweep.text`"]),
+    "baselines unknown": (lambda d, w, f: d["finmerge"].update(baselines=["slerp"]) and None,
+                          ["finmerge.baselines: unknown value(s) 'slerp'", "dare_ties"]),
+    "baselines without eval": (lambda d, w, f: d["finmerge"].update(baselines=["ties"], stages=["merge", "baselines"]) and None,
+                               ["stage `baselines` needs stage `eval`"]),
     "workdir a number": (_set("workdir"), ["finmerge.workdir must be a folder path"]),
     "output a list": (_set("output"), ["finmerge.output must be a folder path"]),
     "stages a string": (_set("stages"), ["finmerge.stages must be a non-empty list"]),
-    "stages unknown": (_set("stages"), ["finmerge.stages: unknown value(s) 'publish'", "merge, eval, sweep", "column"]),
+    "stages unknown": (_set("stages"), ["finmerge.stages: unknown value(s) 'publish'", "merge, eval, baselines, sweep", "column"]),
     "stages empty": (_set("stages"), ["finmerge.stages must be a non-empty list"]),
     "pretrain a string": (_set("pretrain"), ["finmerge.pretrain must be a mapping"]),
     "pretrain unknown field": (_set("pretrain", "max_step"), ["unknown field `max_step`", "max_steps"]),
@@ -178,7 +184,7 @@ def _case(tiny_family, tmp_path, name):
 
 
 def _outputs(work):
-    return [work, work / "merged", work / "domain", work / "sweep", work / "best-merge"]
+    return [work, work / "merged", work / "domain", work / "sweep", work / "best-merge", work / "data-free-merge", work / "baselines"]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

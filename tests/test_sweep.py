@@ -66,7 +66,7 @@ def test_instruct_tokens_variant_protects_only_the_control_token_rows(tiny_famil
 
 def test_sweep_needs_a_metric_and_known_variants(tiny_family, tmp_path):
     settings = SweepSettings(w_domain=[1.0], w_instruct=[1.0], eval=EvalSettings(qa={"chat": "unused.jsonl"}))
-    with pytest.raises(SweepError, match="no sweep metric"):
+    with pytest.raises(SweepError, match="nothing picks the best point: give --metric"):
         run_sweep(recipe(tiny_family), settings, str(tmp_path / "sweep"), log=lambda m: None)
     settings.metric, settings.variants = "chat.strict", ["paper", "ties"]
     with pytest.raises(SweepError, match="unknown sweep variant 'ties'"):
@@ -86,7 +86,7 @@ def test_sweep_picks_the_best_point_and_writes_its_report(tiny_family, tmp_path)
     assert result["best"]["w_instruct"] == 1.0
     assert all(torch.allclose(tensors(tmp_path / "best")[k], v, atol=1e-6) for k, v in expected_merge(tiny_family, 1.0, 1.0).items())
     paths = write_sweep(result, str(tmp_path / "sweep"))
-    assert "**best**" in open(paths["md"]).read()
+    assert "| best by metric |" in open(paths["md"]).read()
     with open(paths["png"], "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
     run_merge(__import__("yaml").safe_load(open(paths["recipe"])), tmp_path / "again")  # the best recipe is a real recipe
