@@ -12,8 +12,9 @@ from mergekit.merge_methods import merge_state_dicts, merge_tensors
 from finmerge.demo.tiny_models import recipe
 from finmerge.diagnostics import StatsCollector
 from finmerge.plugins.merge_context import MergeContext, MergeOverlapError, current_merge, merging
+from finmerge.plugins import method as method_module
 from finmerge.plugins.method import NonFiniteTensorError, OverflowTensorError, domain_instruct_merge
-from merge_helpers import assert_close_state, expected_merge, nan_domain, run_merge, tensors
+from merge_helpers import assert_close_state, copy_model, expected_merge, nan_domain, run_merge, tensors
 
 ROLES = {"role": {"domain": "domain", "instruct": "instruct"}}
 
@@ -61,6 +62,59 @@ def test_worker_threads_see_the_running_merge():
             merged = pool.submit(merge_in_worker).result()
     assert torch.equal(merged, torch.full((4,), 70000.0))
     assert [t.name for t in collector.tensors()] == ["w"]
+
+
+@pytest.fixture
+def multi_gpu_on_cpu(monkeypatch):
+    """mergekit's --multi-gpu executor with two "devices" on the CPU: its own thread pool and task
+    islands, only the CUDA stream around each device's worker left out. Returns the names of the
+    threads the kernel ran in."""
+    import mergekit.multigpu_executor as executor_module
+    from mergekit.graph import Executor
+
+    def device_worker(self, task_list, cached_values, device, quiet):
+        run = Executor(targets=task_list, math_device=device, storage_device=self.storage_device or device,
+                       cached_values=cached_values)
+        for handle, result in run._run(quiet=quiet):
+            keep = handle in self.targets or handle in self.trailing_dependencies
+            self.task_completion_queue.put((handle._index, result if keep else None))
+
+    monkeypatch.setattr(executor_module, "get_torch_accelerator_type", lambda *_: "cpu")
+    monkeypatch.setattr(executor_module, "get_torch_accelerator_count", lambda *_: 2)
+    monkeypatch.setattr(executor_module.MultiGPUExecutor, "_device_worker", device_worker)
+    threads = set()
+    merge_group = method_module.merge_group
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread())
+        return merge_group(*args, **kwargs)
+
+    monkeypatch.setattr(method_module, "merge_group", recording)
+    return threads
+
+
+def test_multi_gpu_workers_get_the_merges_dtype_and_collector(tiny_family, tmp_path, multi_gpu_on_cpu):
+    import json
+
+    run_merge(recipe(tiny_family), tmp_path / "out", multi_gpu=True)
+    assert multi_gpu_on_cpu and threading.main_thread() not in multi_gpu_on_cpu  # the kernel ran in workers only
+    merged = tensors(tmp_path / "out")
+    assert_close_state(merged, expected_merge(tiny_family))
+    measured = json.loads((tmp_path / "out" / "diagnostics.json").read_text())["tensors"]
+    assert sorted(t["name"] for t in measured) == sorted(merged)
+
+    # finite fp32 inputs whose merge exceeds float16: refused only if the workers see `out_dtype`
+    name = "model.layers.0.mlp.up_proj.weight"
+
+    def push(state):
+        state[name] = state[name] + 40000.0
+
+    big = recipe(tiny_family, out_dtype="float16")
+    big["models"][0]["model"] = copy_model(tiny_family.domain, tmp_path / "big-domain", edit_tensors=push)
+    big["models"][1]["model"] = copy_model(tiny_family.instruct, tmp_path / "big-instruct", edit_tensors=push)
+    with pytest.raises(OverflowTensorError, match=name):
+        run_merge(big, tmp_path / "big", multi_gpu=True)
+    assert not (tmp_path / "big").exists() and current_merge() == MergeContext()
 
 
 def test_overlapping_merges_in_one_process_are_refused(tiny_family, tmp_path, monkeypatch):
