@@ -1,6 +1,6 @@
 """Write the diagnostics report files into a folder: diagnostics.json, diagnostics.md and a PNG.
 
-The JSON layout is documented in the README ("Independence diagnostics"); SCHEMA names its version.
+The JSON layout is documented in docs/diagnostics.md ("diagnostics.json"); SCHEMA names its version.
 """
 
 import os

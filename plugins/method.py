@@ -5,8 +5,7 @@ the two non-base models carry a `role`, so the rest of the plugin knows which on
 model (whose tokenizer, chat template and eos the output must carry) and which is the domain one.
 """
 
-import contextlib
-from typing import Iterator, List, Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import torch
 
@@ -20,7 +19,8 @@ from mergekit.merge_methods.base import (
 from mergekit.merge_methods.easy_define import merge_method
 
 from finmerge.plugins import METHOD_NAME
-from finmerge.plugins.collector import CHUNK_ELEMENTS, active_collector
+from finmerge.plugins.collector import CHUNK_ELEMENTS
+from finmerge.plugins.merge_context import MergeContext, current_merge
 
 Role = Literal["domain", "instruct"]
 ROLES: Tuple[Role, ...] = ("domain", "instruct")
@@ -41,23 +41,9 @@ class InstructRowsError(ValueError):
     """The `instruct_rows` parameter is not a list of token ids that fit the vocabulary."""
 
 
-# The dtype mergekit will save in (`out_dtype:`), set around a merge by finmerge.plugins.run; the
-# kernel returns the input dtype and mergekit casts later, so an overflow there would go unseen.
-_saved_dtype: Optional[torch.dtype] = None
-
-
-@contextlib.contextmanager
-def saved_dtype(dtype: Optional[torch.dtype]) -> Iterator[None]:
-    global _saved_dtype
-    previous, _saved_dtype = _saved_dtype, dtype
-    try:
-        yield
-    finally:
-        _saved_dtype = previous
-
-
-def _largest_finite(dtype: torch.dtype) -> float:
-    limits = [torch.finfo(d).max for d in (dtype, _saved_dtype) if d is not None and d.is_floating_point]
+def _largest_finite(dtype: torch.dtype, saved: Optional[torch.dtype]) -> float:
+    """The largest value both the merge's dtype and the dtype mergekit saves in can hold."""
+    limits = [torch.finfo(d).max for d in (dtype, saved) if d is not None and d.is_floating_point]
     return min(limits) if limits else float("inf")
 
 
@@ -145,17 +131,24 @@ def domain_instruct_merge(
 ) -> torch.Tensor:
     """`instruct_rows`: comma-separated token ids whose rows in the token embedding and lm_head take
     only the instruction vector (e.g. chat-control tokens, whose end-of-turn habit τ_d may dilute)."""
+    return merge_group(group, role, weight, instruct_rows, current_merge())
+
+
+def merge_group(group: TensorGroup, role: PerNonBase[Role], weight: PerNonBase[float], instruct_rows: str,
+                context: MergeContext) -> torch.Tensor:
+    """The kernel itself, with what the running merge set (`context`) as an argument: mergekit
+    passes only the group and the recipe's parameters to `domain_instruct_merge`."""
     base = group.base
     domain, instruct = split_roles(group, role)
     w_d, w_i = weight[domain.id], weight[instruct.id]
     rows = parse_rows(instruct_rows)
     compute = torch.float64 if base.tensor.dtype == torch.float64 else torch.float32
-    limit = _largest_finite(base.tensor.dtype)
+    limit = _largest_finite(base.tensor.dtype, context.saved_dtype)
 
     out = torch.empty_like(base.tensor, memory_format=torch.contiguous_format)
     flat_out = out.view(-1)
     flat = [e.tensor.reshape(-1) for e in (base, domain, instruct)]
-    stats = active_collector()
+    stats = context.collector
     accumulator = stats.start_tensor(group.metadata.name, base.tensor.shape) if stats else None
     numel = flat_out.numel()
     # four scratch buffers reused for every chunk: no allocation (page faults) per chunk

@@ -26,10 +26,9 @@ from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
 
 from finmerge.plugins.chat_rows import describe, resolve_auto_rows
-from finmerge.plugins.collector import collecting
 from finmerge.plugins.input_changes import merge_faults
-from finmerge.plugins.method import saved_dtype
 from finmerge.plugins.instruct_output import card_section, finish_instruct_output
+from finmerge.plugins.merge_context import MergeContext, merging
 from finmerge.plugins.preflight import MergeInputs, check_output_path, input_paths, preflight
 from finmerge.safety.locks import exclusive, lock_beside
 from finmerge.safety.outputs import OutputError
@@ -254,8 +253,7 @@ def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: Merg
         collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
         preloading = matplotlib_preloaded()
     try:
-        with preloading, collecting(collector) if collector else contextlib.nullcontext(), \
-                saved_dtype(_out_dtype(merge_config)):
+        with preloading, merging(MergeContext(saved_dtype=_out_dtype(merge_config), collector=collector)):
             original_run_merge(merge_config, scratch, options=options, config_source=config_source)
         ids = finish_instruct_output(scratch, inputs, merge_config, trust_remote_code=options.trust_remote_code)
         report = _write_diagnostics(scratch, collector, inputs, auto_rows) if collector else None

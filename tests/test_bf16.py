@@ -2,7 +2,7 @@
 of the τ, base + sum: a rounding at each step); domain_instruct computes in fp32 and rounds once. Both
 are compared with a float64 reference of base + τ_d + τ_i taken from the same bf16 inputs.
 
-`python tests/test_bf16.py` prints the numbers the README quotes.
+`python tests/test_bf16.py` prints the numbers docs/merge.md quotes ("Precision: one rounding").
 """
 
 import os

@@ -12,7 +12,7 @@ from mergekit.merge_methods import merge_state_dicts, merge_tensors
 
 from diagnostics_helpers import assert_stats_match, concatenated
 from finmerge.plugins import method as method_module
-from finmerge.plugins.collector import active_collector, collecting
+from finmerge.plugins.merge_context import MergeContext, MergeOverlapError, current_merge, merging
 from finmerge.diagnostics import StatsCollector
 from finmerge.diagnostics.aggregate import Aggregates
 from finmerge.diagnostics.names import classify
@@ -44,7 +44,7 @@ def _llama_like(seed=0, layers=3, dtype=torch.float32):
 
 def _measure(models, collector=None, **kwargs):
     collector = collector or StatsCollector()
-    with collecting(collector):
+    with merging(MergeContext(collector=collector)):
         merge_state_dicts(models, domain_instruct_merge, parameters=dict(ROLES), base="base", **kwargs)
     return collector
 
@@ -190,7 +190,7 @@ def test_multithreaded_accumulation_equals_sequential():
         merge_tensors(tensors, domain_instruct_merge, ids=["base", "domain", "instruct"], base_index=0,
                       parameters=dict(ROLES), name=name)
 
-    with collecting(collector), ThreadPoolExecutor(max_workers=8) as pool:
+    with merging(MergeContext(collector=collector)), ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(merge_one, names))
     threaded = {t.name: t.sums for t in collector.tensors()}
     assert threaded == {t.name: t.sums for t in sequential.tensors()}
@@ -216,12 +216,13 @@ def test_collector_finish_is_thread_safe():
 
 def test_collector_is_per_merge():
     first, second = StatsCollector(), StatsCollector()
-    with collecting(first):
-        assert active_collector() is first
-        with pytest.raises(RuntimeError, match="already collecting"):
-            with collecting(second):
+    with merging(MergeContext(collector=first)):
+        assert current_merge().collector is first
+        with pytest.raises(MergeOverlapError, match="already running"):
+            with merging(MergeContext(collector=second)):
                 pass
-    assert active_collector() is None
+        assert current_merge().collector is first  # the refused one changed nothing
+    assert current_merge().collector is None
     models = _llama_like()
     _measure(models, first)
     _measure({**models, "domain": models["instruct"]}, second)
@@ -230,7 +231,7 @@ def test_collector_is_per_merge():
 
 
 def test_no_statistics_without_an_active_collector(monkeypatch):
-    """Without `collecting(...)` the kernel still merges exactly and measures nothing at all."""
+    """Without a collector in the running merge's context the kernel still merges exactly and measures nothing at all."""
     from finmerge.diagnostics.stats import TensorAccumulator
 
     calls = []
@@ -239,9 +240,9 @@ def test_no_statistics_without_an_active_collector(monkeypatch):
         monkeypatch.setattr(cls, name, lambda *a, _o=original, _n=name, **k: (calls.append(_n), _o(*a, **k))[1])
     models = _llama_like(layers=1)
     idle = StatsCollector()  # exists but is not active: must stay empty
-    assert active_collector() is None
+    assert current_merge().collector is None
     merged = merge_state_dicts(models, domain_instruct_merge, parameters=dict(ROLES), base="base")
-    assert calls == [] and idle.tensors() == [] and active_collector() is None
+    assert calls == [] and idle.tensors() == [] and current_merge().collector is None
     base, domain, instruct = models["base"], models["domain"], models["instruct"]
     assert set(merged) == set(base)
     for name, value in merged.items():

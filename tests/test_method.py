@@ -6,6 +6,7 @@ from mergekit.merge_methods import merge_state_dicts, merge_tensors
 
 from finmerge.plugins import method as method_module
 from finmerge.plugins.method import NonFiniteTensorError, domain_instruct_merge
+from finmerge.plugins.merge_context import MergeContext, merging
 
 
 def _models(dtype=torch.float32, seed=0):
@@ -221,10 +222,10 @@ def test_overflow_at_the_saved_dtype_is_refused():
     base = {"w": torch.full((4,), 30000.0)}
     models = {"base": base, "domain": {"w": base["w"] + 20000}, "instruct": {"w": base["w"] + 20000}}
     assert torch.isfinite(merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")["w"]).all()
-    with method_module.saved_dtype(torch.float16):
+    with merging(MergeContext(saved_dtype=torch.float16)):
         with pytest.raises(method_module.OverflowTensorError):
             merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")
-    with method_module.saved_dtype(torch.bfloat16):  # bf16 has fp32's range: fine
+    with merging(MergeContext(saved_dtype=torch.bfloat16)):  # bf16 has fp32's range: fine
         merge_state_dicts(models, domain_instruct_merge, parameters=ROLES, base="base")
 
 
