@@ -34,8 +34,8 @@ def _value(row: Dict, path) -> Optional[float]:
     return row
 
 
-def run_seed(seed: int, out: str, quick: bool, threads: int) -> str:
-    folder = os.path.join(out, f"seed-{seed}")
+def run_seed(seed: int, out: str, quick: bool, threads: int, folder: Optional[str] = None) -> str:
+    folder = folder or os.path.join(out, f"seed-{seed}")
     command = [os.path.join(os.path.dirname(sys.executable), "finmerge"), "demo", "--out", folder, "--seed", str(seed),
                "--threads", str(threads)] + (["--quick"] if quick else [])
     with open(os.path.join(out, f"seed-{seed}.log"), "w", encoding="utf-8") as log:
@@ -110,13 +110,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--out", default="demo-seeds")
     parser.add_argument("--quick", action="store_true", help="the small world (what the test suite runs)")
     parser.add_argument("--jobs", type=int, default=1, help="worlds run at once (each with --threads threads)")
+    parser.add_argument("--folder", action="append", default=[], metavar="SEED=PATH",
+                        help="run that seed's demo in PATH instead of OUT/seed-SEED, e.g. 0=demo-out to reuse `make demo`'s "
+                             "finished stages (repeatable)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per world (default: 2 // jobs, at least 1)")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     threads = args.threads or max(1, 2 // args.jobs)
+    folders = {int(seed): path for seed, path in (item.split("=", 1) for item in args.folder)}
     os.makedirs(args.out, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        paths = dict(zip(seeds, pool.map(lambda s: run_seed(s, args.out, args.quick, threads), seeds)))
+        paths = dict(zip(seeds, pool.map(lambda s: run_seed(s, args.out, args.quick, threads, folders.get(s)), seeds)))
     reports = {}
     for seed, path in paths.items():
         with open(path, encoding="utf-8") as handle:

@@ -8,7 +8,10 @@ from bad_input import assert_clean_failure, command, run, snapshot
 from finmerge.demo.tiny_models import CHATS, write_recipe
 
 CASES = {  # name: (extra command-line arguments, recipe edit, words the message must contain)
-    "no metric": ([], None, ["metric", "--metric"]),
+    "no metric": ([], None, ["metric", "--metric", "--prompts"]),
+    "prompts without text": (["--prompts", "PROMPTS"], None, ["needs held-out domain text", "text"]),
+    "prompts under a QA set's name": (["--prompts", "PROMPTS", "--text", "PROMPTS", "--qa", "prompts=PROMPTS"], None,
+                                      ["may not be named 'prompts'"]),
     "unknown variant": (["--metric", "val.strict", "--variants", "paper,ties"], None, ["ties", "instruct_tokens"]),
     "weights not numbers": (["--metric", "val.strict", "--w-domain", "1,heavy"], None, ["--w-domain", "heavy"]),
     "empty weight list": (["--metric", "val.strict", "--w-instruct", ","], None, ["--w-instruct"]),
@@ -27,6 +30,7 @@ def test_sweep_bad_settings(case, tiny_family, tmp_path):
     qa.write_text("\n".join(json.dumps({"question": q, "answer": a}) for q, a in CHATS))
     before = snapshot(recipe, qa, tiny_family.base, tiny_family.instruct, tiny_family.domain)
     out = tmp_path / "sweep"
+    args = [str(qa).join(a.split("PROMPTS")) for a in args]  # the QA file stands for prompts: its answers go unread
     result = run([command("finmerge"), "sweep", recipe, "--out", out, "--qa", f"val={qa}",
                   "--w-domain", "1", "--w-instruct", "1", *args])
     assert_clean_failure(result, mentions=mentions, before=before, outputs=[out])

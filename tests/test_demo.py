@@ -10,6 +10,19 @@ import pytest
 from finmerge.demo.pipeline import QUICK_SWEEP
 from finmerge.demo.world import QUICK, build_world
 
+
+def _script(name):
+    """A benchmarks/ script (not part of the package), loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_seeds = _script("demo_seeds")
+
 REQUIRED = {  # the report's columns: where each lives in a row of the report
     "finance perplexity": ("domain", "perplexity"),
     "finance MC accuracy (loglik, chat format)": ("finance", "choice_accuracy"),
@@ -38,11 +51,19 @@ def test_world_is_seeded_and_keeps_finance_facts_out_of_general_text():
     assert not chats & {f["entity"] for f in a["facts"] if f["domain"] == "finance"}
 
 
-@pytest.mark.slow
-def test_quick_demo_report(tmp_path):
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
     from finmerge.demo.pipeline import run_demo
 
-    result = run_demo(str(tmp_path / "demo"), quick=True, threads=1, log=lambda m: None)
+    folder = tmp_path_factory.mktemp("quick") / "demo"
+    return folder, run_demo(str(folder), quick=True, threads=1, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_quick_demo_report(quick_demo):
+    from finmerge.demo.pipeline import run_demo
+
+    folder, result = quick_demo
     report = json.load(open(result["paths"]["json"]))
     rows = report["results"]
     assert {"base", "instruct", "domain", "merged"} <= set(rows)
@@ -65,7 +86,7 @@ def test_quick_demo_report(tmp_path):
     assert rows["domain"]["domain"]["perplexity"] < rows["base"]["domain"]["perplexity"] / 5
 
     messages = []
-    again = run_demo(str(tmp_path / "demo"), quick=True, threads=1, log=messages.append)
+    again = run_demo(str(folder), quick=True, threads=1, log=messages.append)
     assert json.load(open(again["paths"]["json"]))["results"] == report["results"]
     skipped = {m.split("]")[0].strip("[") for m in messages if m.endswith("up to date, skipped")}
     assert skipped == {"world", "init", "base", "instruct", "split", "pretrain", "merge", "eval", "baselines", "sweep"}
@@ -125,3 +146,33 @@ def _check_demo_sections(report, markdown):
     assert against["finance strict >= 90% of the label-chosen best's"]["met"] == (
         rows[free]["finance"]["strict"] >= 0.9 * rows[best]["finance"]["strict"])
     assert "## Targets for `data-free choice" in markdown
+
+
+def _report(rows):
+    return {"results": {label: {"finance": {"strict": v[0], "choice_accuracy": v[1], "ends_with_eos": v[2]}}
+                        for label, v in rows.items()}}
+
+
+def test_seeds_summary_is_mean_and_range_per_row():
+    reports = {0: _report({"merged": (0.2, 0.9, 1.0), "sweep best (paper, w_d=1.0, w_i=1.5)": (0.3, 0.8, 1.0)}),
+               1: _report({"merged": (0.4, 0.7, 0.5), "sweep best (instruct_head, w_d=1.5, w_i=1.0)": (0.1, 0.6, 0.9)})}
+    summary = demo_seeds.summarize(reports)
+    assert list(summary["rows"]) == ["merged", "sweep best"]
+    merged = summary["rows"]["merged"]["finance strict"]
+    assert merged["values"] == [0.2, 0.4] and merged["mean"] == pytest.approx(0.3) and (merged["min"], merged["max"]) == (0.2, 0.4)
+    assert summary["rows"]["sweep best"]["chosen"] == ["paper, w_d=1.0, w_i=1.5", "instruct_head, w_d=1.5, w_i=1.0"]
+    assert "| merged | 0.300 [0.200, 0.400] | 0.800 [0.700, 0.900] | 0.750 [0.500, 1.000] |" in demo_seeds.markdown(summary)
+
+
+@pytest.mark.slow
+def test_seeds_script_runs_the_real_command(quick_demo, tmp_path):
+    """--quick, one world reused from the demo above (every stage skipped): the script's whole path."""
+    folder, result = quick_demo
+    summary = demo_seeds.main(["--quick", "--seeds", "0", "--folder", f"0={folder}", "--out", str(tmp_path)])
+    report = json.load(open(result["paths"]["json"]))
+    for label, row in report["results"].items():
+        name = demo_seeds.row_name(label)
+        assert summary["rows"][name]["finance strict"]["values"] == [row["finance"]["strict"]]
+    with open(tmp_path / "seeds.png", "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(tmp_path / "seeds.json")) == json.loads(json.dumps(summary))
