@@ -9,14 +9,21 @@ sentence; default: the answer itself). Any other keys are kept and ignored.
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, List, Optional, Tuple
 
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from finmerge.safety.errors import InputError
 
 
 class EvalDataError(InputError):
     """An evaluation file is missing or malformed; the message names the file and line."""
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("blank")
+    return text
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,37 @@ class QAItem:
         return self.choices.index(self.answer)
 
 
+Text = Annotated[str, StringConstraints(strip_whitespace=False, min_length=1), AfterValidator(_not_blank)]
+
+
+class QALine(BaseModel):
+    """One line of a QA file; other keys are kept (in `extra`) and ignored."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    question: Text
+    answer: Text
+    choices: Optional[Annotated[List[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=2)]] = None
+
+    @model_validator(mode="after")
+    def _answer_is_a_choice(self) -> "QALine":
+        if self.choices is not None and self.answer not in self.choices:
+            raise ValueError(f"'answer' {self.answer!r} is not one of the choices")
+        return self
+
+
+_WANT = {"question": "'question' is missing or not a non-empty string",
+         "answer": "'answer' is missing or not a non-empty string",
+         "choices": "'choices' must be a list of at least two non-empty strings"}
+
+
+def _problem(error: ValidationError) -> str:
+    first = error.errors()[0]
+    if first["type"] == "value_error" and not first["loc"]:
+        return str(first["ctx"]["error"])
+    return _WANT.get(str(first["loc"][0]), f"{first['loc'][0]}: {first['msg']}")
+
+
 def load_qa(path: str) -> List[QAItem]:
     if not os.path.isfile(path):
         raise EvalDataError(f"QA file {path} does not exist")
@@ -50,18 +88,12 @@ def load_qa(path: str) -> List[QAItem]:
             raise EvalDataError(f"{where}: not valid JSON ({error.msg}); each line must be one JSON object") from None
         if not isinstance(row, dict):
             raise EvalDataError(f"{where}: expected a JSON object with 'question' and 'answer'")
-        for key in ("question", "answer"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise EvalDataError(f"{where}: '{key}' is missing or not a non-empty string")
-        choices = row.get("choices")
-        if choices is not None:
-            if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-                raise EvalDataError(f"{where}: 'choices' must be a list of at least two non-empty strings")
-            if row["answer"] not in choices:
-                raise EvalDataError(f"{where}: 'answer' {row['answer']!r} is not one of the choices")
-            choices = tuple(choices)
-        extra = {k: v for k, v in row.items() if k not in ("question", "answer", "choices")}
-        items.append(QAItem(row["question"], row["answer"], choices, extra))
+        try:
+            parsed = QALine.model_validate(row)
+        except ValidationError as error:
+            raise EvalDataError(f"{where}: {_problem(error)}") from None
+        items.append(QAItem(parsed.question, parsed.answer, tuple(parsed.choices) if parsed.choices else None,
+                            dict(parsed.model_extra or {})))
     if not items:
         raise EvalDataError(f"QA file {path} holds no questions")
     return items
