@@ -5,8 +5,9 @@ A test puts this folder on PYTHONPATH and sets FINMERGE_TEST_PAUSE=WHERE:MARKER.
 so the signal the test then sends arrives while that step is in progress:
 - `swap`: a domain_instruct merge, its scratch folder complete, just before it is moved into OUT;
 - `measure`: `finmerge diagnose`, before the first tensor is measured;
-- `step5`: pretraining, at the start of optimizer step 5; it goes on once MARKER.go exists (the
-  test creates it after sending its signal: a signal that only sets a flag does not end a sleep).
+- `stepN` (e.g. `step5`): pretraining, at the start of optimizer step N, every checkpoint before it
+  complete; it goes on once MARKER.go exists (the test creates it after sending its signal: a signal
+  that only sets a flag does not end a sleep).
 Everything else runs the real code.
 """
 
@@ -34,13 +35,14 @@ def _pause_until_go():
         time.sleep(0.05)
 
 
-if _WHERE == "step5":
+if _WHERE.startswith("step"):
     import transformers
 
     _training_step = transformers.Trainer.training_step
+    _STEPS_DONE = int(_WHERE[len("step"):]) - 1
 
     def _step(self, *args, **kwargs):
-        if self.state.global_step == 4 and not os.path.exists(_MARKER):
+        if self.state.global_step == _STEPS_DONE and not os.path.exists(_MARKER):
             _pause_until_go()
         return _training_step(self, *args, **kwargs)
 
