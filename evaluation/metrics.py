@@ -37,9 +37,12 @@ def _right_padded(rows: List[List[int]], pad_id: int):
 
 
 @torch.no_grad()
-def _token_logprobs(model, rows: List[List[int]], batch_size: int, progress: Progress = None) -> List[torch.Tensor]:
+def _token_logprobs(model, rows: List[List[int]], batch_size: int, progress: Progress = None,
+                    leave_out: Sequence[int] = ()) -> List[torch.Tensor]:
     """log p(token_t | tokens_<t) for t >= 1, per row (fp32, on the CPU), in the order of `rows`.
 
+    With `leave_out` (token ids), each row's tensor has a second line: the same log-probabilities with
+    those tokens left out of every prediction (their logits removed from the softmax).
     Rows are batched longest first so a batch pads little; padding is on the right and masked,
     so causal attention never lets a real token see it.
     """
@@ -50,10 +53,15 @@ def _token_logprobs(model, rows: List[List[int]], batch_size: int, progress: Pro
         batch = [rows[i] for i in batch_order]
         ids, mask = _right_padded(batch, pad_id=0)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # math in fp32 whatever the model's dtype
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # math in fp32 whatever the model's dtype
+        picked = logits.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        lines = [picked - torch.logsumexp(logits, dim=-1)]
+        if leave_out:
+            logits[..., list(leave_out)] = float("-inf")
+            lines.append(picked - torch.logsumexp(logits, dim=-1))
+        logprobs = torch.stack(lines, dim=1).cpu() if leave_out else lines[0].cpu()
         for position, (i, row) in enumerate(zip(batch_order, batch)):
-            out[i] = logprobs[position, :len(row) - 1]
+            out[i] = logprobs[position, ..., :len(row) - 1]
         if progress:
             progress(len(batch))
     return out
@@ -80,20 +88,41 @@ def encode_documents(tokenizer, texts: Sequence[str], max_len: int) -> List[List
 
 
 def perplexity(model, rows: List[List[int]], batch_size: int = 16, text_bytes: Optional[int] = None,
-               progress: Progress = None) -> Dict[str, Optional[float]]:
+               progress: Progress = None, chat_tokens: Sequence[int] = ()) -> Dict[str, Optional[float]]:
     """Perplexity per token of this model's own tokenization, and bits per byte of the text.
 
     `text_bytes` is the UTF-8 length of the documents; bits per byte is reported only when every
     text token was scored (the windows start from a BOS/EOS token), else it would undercount.
+    `chat_tokens` (the chat template's control tokens, which plain text never contains): also
+    `plain_bits_per_byte`, the same with those tokens left out of every prediction, so a chat model is
+    not charged for keeping its turn markers likely.
     """
-    nll, tokens = 0.0, 0
-    for logprobs in _token_logprobs(model, rows, batch_size, progress):
-        nll -= logprobs.double().sum().item()
-        tokens += logprobs.numel()
+    predicted = set().union(*(set(r[1:]) for r in rows)) if rows else set()
+    leave_out = [t for t in chat_tokens if t not in predicted]  # never a token the text holds (the start token is not predicted)
+    nll, plain, tokens = 0.0, 0.0, 0
+    for logprobs in _token_logprobs(model, rows, batch_size, progress, leave_out):
+        lines = logprobs.double() if leave_out else logprobs.double()[None]
+        nll -= lines[0].sum().item()
+        plain -= lines[-1].sum().item()
+        tokens += lines.shape[-1]
     result: Dict[str, Optional[float]] = {"perplexity": math.exp(nll / tokens), "tokens": tokens}
     if text_bytes:
         result.update(bits_per_byte=nll / math.log(2) / text_bytes, bytes=text_bytes)
+        if chat_tokens:
+            result.update(plain_bits_per_byte=plain / math.log(2) / text_bytes, chat_tokens_left_out=leave_out)
     return result
+
+
+def chat_control_token_ids(tokenizer, chat_template: Optional[str] = None) -> List[int]:
+    """The special tokens the chat template writes around a user and an assistant turn (e.g. `<|user|>`,
+    `<|assistant|>`, `<|end|>`); [] without a template."""
+    template = chat_template or tokenizer.chat_template
+    if not template:
+        return []
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+                                             tokenize=False, chat_template=template)
+    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
+    return sorted(special.intersection(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
 
 
 def chat_prompt_ids(tokenizer, question: str, chat_template: Optional[str] = None) -> List[int]:

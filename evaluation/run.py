@@ -93,9 +93,10 @@ def _own_metrics(result: Dict, label: str, path: str, texts, text_bytes, qa_sets
     rows = metrics.encode_documents(tokenizer, texts, settings.max_len) if texts is not None else None
     bar = tqdm(total=_progress_total(rows, qa_sets, settings), desc=label, unit="seq",
                disable=not settings.show_progress, leave=False)
-    if rows is not None:
-        result["domain"] = metrics.perplexity(model, rows, settings.batch_size, text_bytes, bar.update)
     own_template = tokenizer.chat_template
+    if rows is not None:
+        chat_tokens = metrics.chat_control_token_ids(tokenizer, own_template if own_template and not for_all else template)
+        result["domain"] = metrics.perplexity(model, rows, settings.batch_size, text_bytes, bar.update, chat_tokens)
     if qa_sets and not for_all and not own_template and template is None:
         raise EvalDataError(f"model {path} has no chat template and no other model has one; pass --chat-template-from")
     use_own = bool(own_template) and not for_all
@@ -186,12 +187,15 @@ def evaluate(models: Dict[str, str], settings: EvalSettings, progress=None) -> D
 
 COLUMNS = [  # (key path, header, format)
     (("domain", "bits_per_byte"), "domain bits/byte", "{:.4f}"),
+    (("domain", "plain_bits_per_byte"), "plain bits/byte", "{:.4f}"),
     (("domain", "perplexity"), "domain ppl (own tokens)", "{:.2f}"),
     (("chat_template",), "chat template", "{}"),
 ]
 NOTES = {
     "domain": "bits/byte = summed NLL in bits / UTF-8 bytes of the held-out text: comparable across models. "
-              "Perplexity is per token of each model's OWN tokenizer: compare it only between models sharing a vocabulary.",
+              "Plain bits/byte: the same with the chat template's control tokens (never in plain text) left out of each "
+              "prediction. Perplexity is per token of each model's OWN tokenizer: compare it only between models sharing "
+              "a vocabulary.",
     "fin_harness": "japanese-lm-fin-harness (0-shot, lm-evaluation-harness `hf` model): chabsa macro-F1 (2-class adjusted), "
                    "other tasks accuracy; avg = mean of the tasks shown.",
 }

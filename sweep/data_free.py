@@ -2,7 +2,9 @@
 text has, and nothing else.
 
 Two signals per merge, neither of which reads a labelled answer:
-- knowledge: bits per byte of held-out domain text (`text`, split off the CPT corpus; lower is better);
+- knowledge: bits per byte of held-out domain text (`text`, split off the CPT corpus; lower is better),
+  with the chat template's control tokens left out of each prediction: plain text never holds them,
+  and a merge that keeps them likely (so that it ends its turns) must not pay for it here;
 - instruction behaviour, from user prompts without answers (`prompts`): the instruct model answers
   them once (greedy); each merge is then scored on the share of its own greedy answers that end the
   turn, and on the NLL of the instruct model's answers (closeness to the instruct model's behaviour).
@@ -26,7 +28,7 @@ from finmerge.safety.outputs import atomic_write_text
 PROMPTS_SET = "prompts"
 # A merge must end at least this share of what the instruct model itself ends.
 TURN_END_SHARE = 0.9
-KNOWLEDGE = "domain.bits_per_byte"
+KNOWLEDGE = "domain.plain_bits_per_byte"
 TURN_END = f"{PROMPTS_SET}.ends_with_eos"
 CLOSENESS = f"{PROMPTS_SET}.answer_nll"
 
@@ -63,7 +65,10 @@ def instruct_reference(instruct: str, prompts_file: str, settings: EvalSettings,
 
 def signals(result: Dict) -> Dict[str, Optional[float]]:
     """The three numbers the rule reads from one merge's evaluation."""
-    return {"bits_per_byte": _value(result, KNOWLEDGE), "turn_end": _value(result, TURN_END),
+    knowledge = _value(result, KNOWLEDGE)
+    if knowledge is None:  # no chat-control tokens to leave out: the two are the same number
+        knowledge = _value(result, "domain.bits_per_byte")
+    return {"bits_per_byte": knowledge, "turn_end": _value(result, TURN_END),
             "instruct_nll": _value(result, CLOSENESS)}
 
 
@@ -94,7 +99,7 @@ def check_settings(prompts: Optional[str], text: Optional[str], qa: Dict[str, st
 
 def rule_text() -> str:
     return (f"turn-end share on the prompts >= {TURN_END_SHARE} x the best share (the instruct model's or any merge's), "
-            f"then the lowest bits/byte of the held-out domain text, then the lowest NLL of the instruct model's answers")
+            f"then the lowest plain bits/byte of the held-out domain text (chat-control tokens left out), then the lowest NLL of the instruct model's answers")
 
 
 def rank(points: List[Dict], instruct_turn_end: float) -> List[Dict]:

@@ -14,6 +14,7 @@ from typing import Annotated, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from finmerge.evaluation.metrics import chat_control_token_ids
 from finmerge.evaluation.run import evaluate, without_answers
 from finmerge.sweep import data_free
 from finmerge.evaluation.settings import EvalSettings, Want
@@ -79,15 +80,6 @@ def ranking_key(result: Dict, metric: str) -> Optional[tuple]:
             return None
         values.append(float("-inf") if value is None else (-value if name.strip().startswith("-") else value))
     return tuple(values)
-
-
-def chat_control_token_ids(tokenizer) -> List[int]:
-    """The instruct tokenizer's special tokens that its chat template writes around a user and an
-    assistant turn (e.g. `<|user|>`, `<|assistant|>`, `<|end|>`): the rows `instruct_tokens` protects."""
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], tokenize=False)
-    special = {index for index, token in tokenizer.added_tokens_decoder.items() if token.special}
-    return sorted(special.intersection(tokenizer(rendered, add_special_tokens=False)["input_ids"]))
 
 
 def instruct_tokenizer_path(recipe: Dict) -> str:

@@ -115,7 +115,8 @@ def test_cli_prints_one_table_for_several_models(tiny_family, tmp_path):
                              "--qa", f"finance={qa}", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stdout.splitlines() if l.startswith("|")]
-    assert lines[0].startswith("| model | domain bits/byte | domain ppl (own tokens) | chat template | finance MC acc (loglik)")
+    assert lines[0].startswith("| model | domain bits/byte | plain bits/byte | domain ppl (own tokens) | chat template | "
+                               "finance MC acc (loglik)")
     assert "bits/byte = summed NLL in bits / UTF-8 bytes" in result.stdout  # the table says which number compares
     assert [l.split("|")[1].strip() for l in lines[2:]] == ["b", "instruct"]
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -245,3 +246,31 @@ def test_chat_template_from_applies_to_every_model_and_is_reported(tiny_family, 
     own = evaluate(models, EvalSettings(qa={"chat": str(qa)}, generate=False))
     assert own["instruct"]["chat_template"] == "own" and own["base"]["chat_template"] == f"from {tiny_family.instruct}"
     assert own["instruct"]["chat"]["answer_nll"] != pytest.approx(recipe["instruct"]["chat"]["answer_nll"])
+
+
+def test_plain_bits_per_byte_leaves_the_chat_tokens_out_of_each_prediction(tiny_family, tmp_path):
+    """Oracle: a direct torch log-softmax over the vocabulary without the template's control tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finmerge.demo.family import ASSISTANT, END, USER
+
+    text = tmp_path / "held.txt"
+    text.write_text("\n\n".join(HELD_OUT))
+    result = evaluate({"instruct": tiny_family.instruct}, EvalSettings(text=str(text), max_len=128))["instruct"]["domain"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_family.instruct)
+    model = AutoModelForCausalLM.from_pretrained(tiny_family.instruct).eval()
+    control = sorted(tokenizer.convert_tokens_to_ids([USER, ASSISTANT, END]))
+    assert result["chat_tokens_left_out"] == control
+    nats = 0.0
+    for document in HELD_OUT:
+        ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(document, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].double()
+        logits[:, control] = float("-inf")
+        nats -= torch.log_softmax(logits, dim=-1).gather(-1, ids[0, 1:, None]).sum().item()
+    expected = nats / math.log(2) / sum(len(t.encode("utf-8")) for t in HELD_OUT)
+    assert result["plain_bits_per_byte"] == pytest.approx(expected, rel=1e-4)
+    assert result["plain_bits_per_byte"] < result["bits_per_byte"]  # the control tokens held some probability
+    # a model without a chat template has nothing to leave out
+    base = evaluate({"base": tiny_family.base}, EvalSettings(text=str(text), max_len=128))["base"]["domain"]
+    assert "plain_bits_per_byte" not in base
