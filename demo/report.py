@@ -66,7 +66,7 @@ def render(demo: Dict) -> str:
     relations = [r for r in next(iter(finance.values()))["by_relation"] if r != "all"]
     general = breakdown.get("general_same_relations") or {}
     lines += ["## Per-relation strict accuracy (finance test questions, greedy chat answers)", "",
-              "Each question asked on its own; strict = contains the right value and ended the turn. "
+              "The evaluation's own greedy answers, split by relation; strict = contains the right value and ended the turn. "
               "The last column: the instruct model on the same relation types about general-world entities it never "
               "chatted about (the base knows their facts), i.e. how well the question type itself transfers.", "",
               "| relation | questions | " + " | ".join(labels) + " | instruct, general entities (questions) |",
