@@ -155,10 +155,11 @@ def _run_stages(repro: Reproduction, threads: Optional[int] = None, log: Callabl
                                keep_data_free=repro.data_free_merge)
             write_sweep(result, repro.sweep_dir)
             chosen = {name: path for name, path in (("best", repro.best_merge), ("data_free", repro.data_free_merge))
-                      if result.get(name)}
+                      if result.get(name) is not None}
             if "eval" in repro.stages:  # the chosen merges on the reported (test) data, next to the others
                 write_results(evaluate(chosen, report_eval), os.path.join(repro.sweep_dir, "best_eval.json"))
 
-        stages.run("sweep", key, sweep, outputs=[repro.sweep_dir], moved_in=[repro.best_merge, repro.data_free_merge])
+        kept = [path for path, chosen in ((repro.best_merge, settings.metric), (repro.data_free_merge, settings.prompts)) if chosen]
+        stages.run("sweep", key, sweep, outputs=[repro.sweep_dir], moved_in=kept)
     return {"stages": dict(stages.skipped), "seconds": dict(stages.timings), "eval": results_path,
             "sweep": repro.sweep_dir if "sweep" in repro.stages else None, "flags": flags}

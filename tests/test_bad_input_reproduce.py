@@ -95,7 +95,7 @@ CASES = {
     "non-UTF-8": (_raw(b"merge_method: domain_instruct\nbase_model: \xff\xfe\n"), ["not UTF-8", "offset"]),
     "no merge_method": (_no_merge_method, ["no `merge_method`"]),
     "finmerge is a list": (lambda d, w, f: d.update(finmerge=["merge"]), ["finmerge must be a mapping"]),
-    "unknown finmerge key": (_set("outptu"), ["finmerge: unknown key(s) outptu", "(known: eval, output"]),
+    "unknown finmerge key": (_set("outptu"), ["finmerge: unknown key(s) outptu", "(known: baselines, eval, output"]),
     "sweep without a metric": (lambda d, w, f: d["finmerge"]["sweep"].pop("metric") and None,
                                ["`finmerge.sweep` needs `metric`", "and/or `prompts` with `text`"]),
     "sweep prompts without text": (lambda d, w, f: d["finmerge"]["sweep"].update(prompts="p.txt") and None,

@@ -219,7 +219,7 @@ class Fakes:
         self.calls.append(("eval", {"trust_remote_code": settings.trust_remote_code, "allow_pickle": settings.allow_pickle}))
         return {label: {} for label in models}
 
-    def sweep(self, recipe, settings, workdir, log=print, keep_best=None):
+    def sweep(self, recipe, settings, workdir, log=print, keep_best=None, keep_data_free=None):
         self.calls.append(("sweep", {"trust_remote_code": settings.eval.trust_remote_code,
                                      "allow_pickle": settings.eval.allow_pickle}))
         os.makedirs(workdir, exist_ok=True)
