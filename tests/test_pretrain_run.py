@@ -310,6 +310,19 @@ def _pretrain_command(base, data, out, steps):
             "--output", out, "--max-steps", str(steps), "--save-steps", "4", "--logging-steps", "1", *TRAIN_ARGS]
 
 
+def _paused_run(command, step, tmp_path, env, **popen):
+    """The run started and held at the start of optimizer `step` by tests/pause_hook (every earlier checkpoint
+    complete); returns (process, marker) once it is there. MARKER.go lets it go on."""
+    marker = str(tmp_path / "paused")
+    hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pause_hook")
+    process = subprocess.Popen(command, env=dict(env, PYTHONPATH=hook, FINMERGE_TEST_PAUSE=f"step{step}:{marker}"), **popen)
+    deadline = time.time() + 600
+    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None and os.path.exists(marker), f"the run did not reach step {step}"
+    return process, marker
+
+
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_family, corpus, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -319,14 +332,8 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_family, corpus, tmp
 
     # killed at a known point: the start of step 14, checkpoint-12 complete (tests/pause_hook holds the run
     # there). Polling for a checkpoint file instead killed the run mid-save now and then, on a loaded machine.
-    marker = str(tmp_path / "paused")
-    hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pause_hook")
-    process = subprocess.Popen(_pretrain_command(tiny_family.base, corpus, broken, 40),
-                               env=dict(env, PYTHONPATH=hook, FINMERGE_TEST_PAUSE=f"step14:{marker}"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    process, _ = _paused_run(_pretrain_command(tiny_family.base, corpus, broken, 40), 14, tmp_path, env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     assert not os.path.exists(os.path.join(broken, "training_summary.json"))
@@ -355,15 +362,8 @@ def test_sigterm_saves_a_checkpoint_refuses_a_second_run_and_resumes_equal(tiny_
     done = subprocess.run(_pretrain_command(tiny_family.base, corpus, whole, 40), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
 
-    marker = str(tmp_path / "paused")  # tests/pause_hook holds the run at step 5 until the test says go
-    hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pause_hook")
-    process = subprocess.Popen(_pretrain_command(tiny_family.base, corpus, stopped, 40),
-                               env=dict(env, PYTHONPATH=hook, FINMERGE_TEST_PAUSE=f"step5:{marker}"),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None and os.path.exists(marker), "the run did not reach step 5"
+    process, marker = _paused_run(_pretrain_command(tiny_family.base, corpus, stopped, 40), 5, tmp_path, env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     second = finmerge("pretrain", "--model", tiny_family.base, "--data", corpus, "--output", stopped,
                       "--max-steps", "40", *TRAIN_ARGS)
     assert second.returncode == 1 and f"another pretraining run (process {process.pid}) is writing" in second.stderr
