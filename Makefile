@@ -21,11 +21,16 @@ $(VENV)/.installed: $(PY) $(SOURCES)
 	$(PY) -m pip install --quiet -c constraints.txt ".[dev]"
 	touch $@
 
+# One pytest worker per core (at most 4), each test file on one worker so that its module fixtures
+# are built once; PYTEST_WORKERS=0 runs everything in this process.
+PYTEST_WORKERS ?= auto
+PYTEST_PARALLEL := -n $(PYTEST_WORKERS) --maxprocesses 4 --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_PARALLEL)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 demo: setup
 	$(VENV)/bin/finmerge demo

@@ -33,6 +33,18 @@ def finance_documents(count: int, seed: int = 0, min_sentences: int = 1, max_sen
     return documents
 
 
+def accelerate_launch(config_file: str) -> List[str]:
+    """`accelerate launch` of this environment on a free port: tests on parallel workers (or anything else on
+    the default 29500) must not meet at one rendezvous address."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return [launcher, "launch", "--config_file", str(config_file), "--main_process_port", str(port)]
+
+
 def write_jsonl(path: str, documents: List[str], field: str = "text") -> str:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:

@@ -8,13 +8,12 @@ train sharded on this project's CPU-only CI; its CPU variant is run to show that
 
 import os
 import subprocess
-import sys
 
 import pytest
 import yaml
 
 from finmerge.pretrain.config import PretrainError, build_config
-from pretrain_fixtures import finance_documents, write_jsonl
+from pretrain_fixtures import accelerate_launch, finance_documents, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,9 +73,8 @@ def test_fsdp_without_accelerators_is_refused_not_run_as_ddp(tiny_family, tmp_pa
 def test_shipped_fsdp_config_on_two_cpu_processes_is_refused_cleanly(tiny_family, tmp_path):
     """The shipped fsdp.yaml, made CPU-sized, through a real `accelerate launch`: a clear refusal, no output."""
     data = write_jsonl(str(tmp_path / "c.jsonl"), finance_documents(30, seed=3))
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
     out = tmp_path / "out"
-    command = [launcher, "launch", "--config_file", cpu_fsdp_config(tmp_path / "fsdp-cpu.yaml"), "-m",
+    command = [*accelerate_launch(cpu_fsdp_config(tmp_path / "fsdp-cpu.yaml")), "-m",
                "finmerge.cli.main", "pretrain", "--model", tiny_family.base, "--data", data, "--output", str(out),
                "--max_steps", "4", "--save_steps", "2", "--seq_len", "32", "--num_threads", "1"]
     result = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),

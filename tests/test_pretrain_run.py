@@ -14,7 +14,7 @@ import torch
 
 from finmerge.pretrain.config import PretrainConfig, PretrainError
 from finmerge.pretrain.packing import load_blocks
-from pretrain_fixtures import finance_documents, finmerge, load_weights, write_jsonl
+from pretrain_fixtures import accelerate_launch, finance_documents, finmerge, load_weights, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_ARGS = ["--seq-len", "64", "--learning-rate", "3e-3", "--eval-fraction", "0.1", "--num-threads", "1"]
@@ -394,10 +394,8 @@ def test_sigterm_saves_a_checkpoint_refuses_a_second_run_and_resumes_equal(tiny_
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes(tiny_family, corpus, tmp_path):
     out = str(tmp_path / "ddp")
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [launcher, "launch", "--config_file", os.path.join(ROOT, "recipes", "accelerate", "ddp-cpu.yaml"),
-               "-m", "finmerge.cli.main", "pretrain", "--model", tiny_family.base, "--data", corpus, "--output", out,
-               "--max-steps", "8", "--save-steps", "4", *TRAIN_ARGS]
+    command = [*accelerate_launch(os.path.join(ROOT, "recipes", "accelerate", "ddp-cpu.yaml")), "-m", "finmerge.cli.main",
+               "pretrain", "--model", tiny_family.base, "--data", corpus, "--output", out, "--max-steps", "8", "--save-steps", "4", *TRAIN_ARGS]
     result = subprocess.run(command, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(os.path.join(out, "training_summary.json")) as handle:
