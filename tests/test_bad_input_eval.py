@@ -1,11 +1,13 @@
-"""Bad input to `finmerge eval`: one clear message, exit != 0, no traceback, no input changed, no results file."""
+"""Bad input to `finmerge eval`: one clear message, exit != 0, no traceback, no input changed, no results file.
+
+The cases run the command in this process (`invoke`); one runs the installed console script."""
 
 import shutil
 
 import pytest
 import torch
 
-from bad_input import assert_clean_failure, command, run, snapshot
+from bad_input import assert_clean_failure, command, invoke, run, snapshot
 
 GOOD_QA = '{"question": "What is the ticker of Aurora Bank?", "answer": "ARB."}\n'
 
@@ -40,7 +42,7 @@ def test_bad_data_file(tiny_family, tmp_path, case, data, mentions):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = snapshot(str(tmp_path), tiny_family.base)
-    result = run([command("finmerge"), "eval", tiny_family.base, *option, path, "--out", tmp_path / "out" / "r.json"])
+    result = invoke(["eval", tiny_family.base, *option, path, "--out", tmp_path / "out" / "r.json"])
     assert_clean_failure(result, mentions=mentions, before=before)
     assert not (tmp_path / "out" / "r.json").exists()
 
@@ -74,7 +76,7 @@ def test_bad_model_folder(tiny_family, tmp_path, case, make, mentions):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(GOOD_QA)
     before = snapshot(str(tmp_path))
-    result = run([command("finmerge"), "eval", model, "--qa", qa, "--out", tmp_path / "r.json"])
+    result = invoke(["eval", model, "--qa", qa, "--out", tmp_path / "r.json"])
     assert_clean_failure(result, mentions=[str(model), *mentions], before=before)
     assert not (tmp_path / "r.json").exists()
 
@@ -111,7 +113,7 @@ FIN_CASES = [
 def test_bad_fin_harness(tiny_family, tmp_path, case, make, mentions):
     args = make(tmp_path)
     before = snapshot(str(tmp_path), tiny_family.base)
-    result = run([command("finmerge"), "eval", tiny_family.base, "--fin-harness", *args, "--out", tmp_path / "out.json"])
+    result = invoke(["eval", tiny_family.base, "--fin-harness", *args, "--out", tmp_path / "out.json"])
     assert_clean_failure(result, mentions=mentions, before=before)
     assert not (tmp_path / "out.json").exists()
 
@@ -122,7 +124,7 @@ def test_out_inside_a_model_folder_is_refused(tiny_family, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(GOOD_QA)
     before = snapshot(str(tmp_path))
-    result = run([command("finmerge"), "eval", model, "--qa", qa, "--out", model / "results.json"])
+    result = invoke(["eval", model, "--qa", qa, "--out", model / "results.json"])
     assert_clean_failure(result, mentions=["is inside the input"], before=before)
 
 
@@ -130,6 +132,6 @@ def test_out_inside_a_model_folder_is_refused(tiny_family, tmp_path):
 def test_cuda_requested_without_cuda(tiny_family, tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text(GOOD_QA)
-    result = run([command("finmerge"), "eval", tiny_family.base, "--qa", qa, "--device", "cuda"])
+    result = invoke(["eval", tiny_family.base, "--qa", qa, "--device", "cuda"])
     assert_clean_failure(result, mentions=["--device cuda", "no CUDA device"])
 

@@ -1,10 +1,12 @@
-"""`finmerge sweep` on bad settings: one clear message naming the option, inputs untouched, no report."""
+"""`finmerge sweep` on bad settings: one clear message naming the option, inputs untouched, no report.
+
+The cases run the command in this process (`invoke`); one of them runs the installed console script."""
 
 import json
 
 import pytest
 
-from bad_input import assert_clean_failure, command, run, snapshot
+from bad_input import assert_clean_failure, command, invoke, run, snapshot
 from finmerge.demo.tiny_models import CHATS, write_recipe
 
 CASES = {  # name: (extra command-line arguments, recipe edit, words the message must contain)
@@ -18,6 +20,7 @@ CASES = {  # name: (extra command-line arguments, recipe edit, words the message
     "instruct_tokens without a chat template": (
         ["--metric", "val.strict", "--variants", "instruct_tokens"], "instruct_is_base", ["chat template", "instruct_tokens"]),
 }
+THROUGH_THE_INSTALLED_COMMAND = "no metric"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -31,7 +34,7 @@ def test_sweep_bad_settings(case, tiny_family, tmp_path):
     before = snapshot(recipe, qa, tiny_family.base, tiny_family.instruct, tiny_family.domain)
     out = tmp_path / "sweep"
     args = [str(qa).join(a.split("PROMPTS")) for a in args]  # the QA file stands for prompts: its answers go unread
-    result = run([command("finmerge"), "sweep", recipe, "--out", out, "--qa", f"val={qa}",
-                  "--w-domain", "1", "--w-instruct", "1", *args])
+    args = ["sweep", recipe, "--out", out, "--qa", f"val={qa}", "--w-domain", "1", "--w-instruct", "1", *args]
+    result = run([command("finmerge"), *args]) if case == THROUGH_THE_INSTALLED_COMMAND else invoke(args)
     assert_clean_failure(result, mentions=mentions, before=before, outputs=[out])
     assert not (out / "sweep.json").exists() and not (out / "best-recipe.yml").exists()

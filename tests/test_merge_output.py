@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from bad_input import invoke
 from finmerge.demo.tiny_models import END, recipe, write_recipe
 from merge_helpers import assert_close_state, expected_merge, run_merge, tensors
 
@@ -81,9 +82,12 @@ def test_python_module_entry_point_and_finmerge_merge(tiny_family, tmp_path):
     assert len([f for f in os.listdir(tmp_path / "b") if f.endswith(".safetensors")]) > 1  # a mergekit option went through
     assert_close_state(tensors(tmp_path / "b"), expected)
     _assert_instruct_chat_model(tmp_path / "b", tiny_family)
-    refused = subprocess.run([finmerge, "merge", recipe_path, str(tmp_path / "b")], capture_output=True, text=True)
+    # the same command in this process (no second start-up): an existing OUT needs --overwrite
+    refused = invoke(["merge", recipe_path, tmp_path / "b"])
     assert refused.returncode != 0 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
-    subprocess.run([finmerge, "merge", recipe_path, str(tmp_path / "b"), "--overwrite"], check=True, capture_output=True)
+    overwritten = invoke(["merge", recipe_path, tmp_path / "b", "--overwrite", "--quiet"])
+    assert overwritten.returncode == 0, overwritten.stderr
+    assert_close_state(tensors(tmp_path / "b"), expected)
 
 
 def test_in_process_output_is_instruct_chat_model(tiny_family, tmp_path):
