@@ -54,6 +54,24 @@ def nan_domain(family, folder) -> str:
     return copy_model(family.domain, folder, edit_tensors=poison)
 
 
+def nan_recipe(family, folder) -> dict:
+    """The family's (1, 1) recipe whose domain model is a nan_domain copy made under `folder`."""
+    from finmerge.demo.tiny_models import recipe
+
+    merge = recipe(family)
+    merge["models"][0]["model"] = nan_domain(family, os.path.join(str(folder), "nan-domain"))
+    return merge
+
+
+def copy_family(family, root):
+    """The three models copied under `root`, for a test that may break or (wrongly) replace one."""
+    from finmerge.demo.tiny_models import TinyFamily
+
+    for role in ("base", "domain", "instruct"):
+        shutil.copytree(getattr(family, role), os.path.join(str(root), role))
+    return TinyFamily(**{role: os.path.join(str(root), role) for role in ("base", "instruct", "domain")})
+
+
 def pickled_copy(source: str, destination) -> str:
     """A copy of a checkpoint whose weights are only a pickled pytorch_model.bin."""
     destination = copy_model(source, destination)

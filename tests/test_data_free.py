@@ -10,7 +10,7 @@ from finmerge.demo.tiny_models import CHATS, CORPUS, recipe
 from finmerge.evaluation.data import EvalDataError, load_prompts
 from finmerge.evaluation.settings import EvalSettings
 from finmerge.sweep import data_free
-from finmerge.sweep.run import SweepError, SweepSettings, run_sweep, write_sweep
+from finmerge.sweep.run import SweepSettings, run_sweep, write_sweep
 from merge_helpers import expected_merge, tensors
 
 

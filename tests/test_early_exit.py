@@ -15,9 +15,8 @@ import textwrap
 
 import pytest
 
-from finmerge.demo.tiny_models import recipe
 from finmerge.diagnostics import heatmap
-from merge_helpers import nan_domain, run_merge
+from merge_helpers import nan_recipe, run_merge
 
 SLOW_IMPORT = 1.5  # seconds: far longer than the failing merge takes to reach its error
 
@@ -36,8 +35,7 @@ def _slow_import(marker):
 def test_failed_merge_waits_for_its_preload_thread(tiny_family, tmp_path, monkeypatch):
     marker = tmp_path / "preload-finished"
     monkeypatch.setattr(heatmap, "_import_matplotlib", _slow_import(marker))
-    merge = recipe(tiny_family)
-    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
+    merge = nan_recipe(tiny_family, tmp_path)
     with pytest.raises(Exception, match="NaN or Inf"):
         run_merge(merge, tmp_path / "out")
     assert marker.exists(), "the merge returned while its matplotlib thread was still running"
@@ -60,8 +58,7 @@ def test_failed_diagnosis_waits_for_its_preload_thread(tiny_family, tmp_path, mo
 @pytest.mark.slow
 def test_mergekit_yaml_exits_1_after_its_thread_finished(tiny_family, tmp_path):
     """The whole process, as `mergekit-yaml` runs it: exit status 1, and the thread's work was not cut off."""
-    merge = recipe(tiny_family)
-    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
+    merge = nan_recipe(tiny_family, tmp_path)
     recipe_path = tmp_path / "recipe.yml"
     recipe_path.write_text(json.dumps(merge))
     marker = tmp_path / "preload-finished"

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from bad_input import assert_clean_failure, invoke, snapshot
-from finmerge.demo.tiny_models import TinyFamily, recipe
+from finmerge.demo.tiny_models import recipe
+from merge_helpers import copy_family
 from pretrain_fixtures import finance_documents, write_jsonl
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -22,10 +23,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture
 def family(tiny_family, tmp_path):
     """A copy of the tiny family that the test may break."""
-    root = tmp_path / "family"
-    for role in ("base", "domain", "instruct"):
-        shutil.copytree(getattr(tiny_family, role), root / role)
-    return TinyFamily(**{role: str(root / role) for role in ("base", "instruct", "domain")})
+    return copy_family(tiny_family, tmp_path / "family")
 
 
 @pytest.fixture

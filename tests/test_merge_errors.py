@@ -13,7 +13,7 @@ import torch
 from finmerge.demo.tiny_models import recipe
 from finmerge.plugins.method import NonFiniteTensorError
 from finmerge.plugins.preflight import RecipeError, preflight
-from merge_helpers import assert_close_state, copy_model, expected_merge, nan_domain, pickled_copy, run_merge, tensors
+from merge_helpers import assert_close_state, copy_model, expected_merge, nan_recipe, pickled_copy, run_merge, tensors
 
 
 def _config(merge):
@@ -164,8 +164,7 @@ def test_empty_out_folder_is_fine(tiny_family, tmp_path):
 
 
 def test_nan_fails_mid_merge_and_leaves_no_output(tiny_family, tmp_path):
-    merge = recipe(tiny_family)
-    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
+    merge = nan_recipe(tiny_family, tmp_path)
     with pytest.raises(NonFiniteTensorError, match=r"nan-domain has NaN or Inf values in tensor model\.layers\.1\.self_attn\.o_proj\.weight"):
         run_merge(merge, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -176,8 +175,7 @@ def test_failed_overwrite_keeps_previous_output(tiny_family, tmp_path, monkeypat
     out = tmp_path / "out"
     run_merge(recipe(tiny_family), out)
     before = tensors(out)
-    merge = recipe(tiny_family)
-    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
+    merge = nan_recipe(tiny_family, tmp_path)
     monkeypatch.setenv("FINMERGE_OVERWRITE", "1")
     with pytest.raises(NonFiniteTensorError):
         run_merge(merge, out)
@@ -188,8 +186,7 @@ def test_failed_overwrite_keeps_previous_output(tiny_family, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_plain_mergekit_yaml_reports_nan_and_writes_nothing(tiny_family, tmp_path):
-    merge = recipe(tiny_family)
-    merge["models"][0]["model"] = nan_domain(tiny_family, tmp_path / "nan-domain")
+    merge = nan_recipe(tiny_family, tmp_path)
     recipe_path = tmp_path / "recipe.yml"
     recipe_path.write_text(json.dumps(merge))
     mergekit_yaml = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")

@@ -13,18 +13,13 @@ import torch
 
 from finmerge.demo.tiny_models import recipe
 from finmerge.safety.errors import InputError
-from merge_helpers import expected_merge, run_merge, tensors
+from merge_helpers import copy_family, expected_merge, run_merge, tensors
 
 
 @pytest.fixture
 def family_copy(tiny_family, tmp_path):
     """The tiny family copied, so a test that (wrongly) replaces an input cannot harm the session's."""
-    from finmerge.demo.tiny_models import TinyFamily
-
-    root = tmp_path / "family"
-    for role in ("base", "domain", "instruct"):
-        shutil.copytree(getattr(tiny_family, role), root / role)
-    return TinyFamily(**{role: str(root / role) for role in ("base", "instruct", "domain")})
+    return copy_family(tiny_family, tmp_path / "family")
 
 
 def _digest(folder):
