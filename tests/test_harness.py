@@ -10,7 +10,6 @@ import lm_eval  # noqa: F401  (`make setup` installs the harness extra: a broken
 import pytest
 import torch
 
-from finmerge.evaluation.harness import run_harness
 
 QUESTIONS = [
     ("What is the ticker of Aurora Bank?", ["ARB.", "Tane.", "Oskar."], 0),
@@ -53,18 +52,15 @@ def _by_hand_accuracy(path):
 
 
 @pytest.mark.slow
-def test_harness_accuracy_equals_a_by_hand_loglikelihood_choice(tiny_family, local_task):
-    for path in (tiny_family.base, tiny_family.instruct):
-        results = run_harness(path, ["fin_mc_local"], include_path=local_task, batch_size=2)
-        assert results["fin_mc_local"]["acc"] == pytest.approx(_by_hand_accuracy(path))
-
-
-@pytest.mark.slow
-def test_eval_cli_adds_harness_columns(tiny_family, local_task, tmp_path):
+def test_eval_cli_harness_accuracy_equals_a_by_hand_loglikelihood_choice(tiny_family, local_task, tmp_path):
+    """The installed `finmerge eval --harness-tasks` (lm-eval through run_harness) on two models: a column per
+    task, and each model's accuracy equal to a by-hand log-likelihood choice."""
     finmerge = os.path.join(os.path.dirname(sys.executable), "finmerge")
     result = subprocess.run([finmerge, "eval", tiny_family.base, tiny_family.instruct, "--harness-tasks", "fin_mc_local",
                              "--harness-include", local_task, "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "fin_mc_local acc" in result.stdout.splitlines()[0]
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert 0 <= saved["instruct"]["harness"]["fin_mc_local"]["acc"] <= 1
+    for name, path in (("base", tiny_family.base), ("instruct", tiny_family.instruct)):
+        assert saved[name]["harness"]["fin_mc_local"]["acc"] == pytest.approx(_by_hand_accuracy(path)), name
+

@@ -310,6 +310,16 @@ def _pretrain_command(base, data, out, steps):
             "--output", out, "--max-steps", str(steps), "--save-steps", "4", "--logging-steps", "1", *TRAIN_ARGS]
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_family, corpus, tmp_path_factory):
+    """The 40-step run, never stopped, by the installed command: what every interrupted-and-resumed run must equal."""
+    whole = str(tmp_path_factory.mktemp("uninterrupted") / "whole")
+    done = subprocess.run(_pretrain_command(tiny_family.base, corpus, whole, 40), env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return whole
+
+
 def _paused_run(command, step, tmp_path, env, **popen):
     """The run started and held at the start of optimizer `step` by tests/pause_hook (every earlier checkpoint
     complete); returns (process, marker) once it is there. MARKER.go lets it go on."""
@@ -324,11 +334,9 @@ def _paused_run(command, step, tmp_path, env, **popen):
 
 
 @pytest.mark.slow
-def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_family, corpus, tmp_path):
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_family, corpus, uninterrupted, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    whole, broken = str(tmp_path / "whole"), str(tmp_path / "broken")
-    done = subprocess.run(_pretrain_command(tiny_family.base, corpus, whole, 40), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    whole, broken = uninterrupted, str(tmp_path / "broken")
 
     # killed at a known point: the start of step 14, checkpoint-12 complete (tests/pause_hook holds the run
     # there). Polling for a checkpoint file instead killed the run mid-save now and then, on a loaded machine.
@@ -355,12 +363,10 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tiny_family, corpus, tmp
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_refuses_a_second_run_and_resumes_equal(tiny_family, corpus, tmp_path):
+def test_sigterm_saves_a_checkpoint_refuses_a_second_run_and_resumes_equal(tiny_family, corpus, uninterrupted, tmp_path):
     """A scheduler's stop: the run saves a checkpoint at the end of the step, exits 143; rerun = uninterrupted."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
-    done = subprocess.run(_pretrain_command(tiny_family.base, corpus, whole, 40), env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    whole, stopped = uninterrupted, str(tmp_path / "stopped")
 
     process, marker = _paused_run(_pretrain_command(tiny_family.base, corpus, stopped, 40), 5, tmp_path, env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
