@@ -59,7 +59,10 @@ def demo_recipe(quick: bool) -> Dict:
 
 
 def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, seed: int = 0,
-             log: Callable[[str], None] = print) -> Dict:
+             log: Callable[[str], None] = print, family: Optional[fam.FamilySettings] = None,
+             pretrain: Optional[Dict] = None) -> Dict:
+    """`family` and `pretrain` (fields of the recipe's pretrain section) replace the demo's sizes: for
+    benchmarks/demo_training.py, which measures what less training does to the table."""
     from finmerge.reproduce.recipe import load_reproduction
     from finmerge.reproduce.report import collect, write_report
     from finmerge.reproduce.run import run_reproduction
@@ -72,7 +75,7 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     size: WorldSize = QUICK if quick else WorldSize()
-    settings = fam.QUICK_FAMILY if quick else fam.FamilySettings(seed=seed)
+    settings = family or (fam.QUICK_FAMILY if quick else fam.FamilySettings(seed=seed))
     stages = Stages(out_dir, log=log)
     world_dir, models = os.path.join(out_dir, "world"), os.path.join(out_dir, "models")
     world = build_world(size, seed)
@@ -100,7 +103,9 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
                lambda: _split_for_selection(world_dir, os.path.join(out_dir, "split")), output=os.path.join(out_dir, "split"))
     recipe_path = os.path.join(out_dir, "recipe.yml")
     with open(recipe_path, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(demo_recipe(quick), handle, sort_keys=False)
+        recipe = demo_recipe(quick)
+        recipe["finmerge"]["pretrain"].update(pretrain or {})
+        yaml.safe_dump(recipe, handle, sort_keys=False)
     repro = load_reproduction(recipe_path, workdir=out_dir)
     run_reproduction(repro, threads=threads, log=log)
     report = collect(repro)
