@@ -24,7 +24,6 @@ from finmerge.demo.family import FamilySettings
 BUDGETS = {
     "fewer-steps": ({"base_steps": 400, "instruct_steps": 100}, {"max_steps": 200}),
     "shorter-blocks": ({"seq_len": 64, "base_steps": 600, "instruct_steps": 100}, {"seq_len": 64, "max_steps": 300}),
-    "narrower-model": ({"hidden_size": 64, "intermediate_size": 192, "base_steps": 600, "base_lr": 5e-3}, {"max_steps": 300}),
 }
 ROWS = ("domain", "merged")
 PREFIXES = ("sweep best", "data-free choice")
