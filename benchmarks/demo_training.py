@@ -62,14 +62,14 @@ def rows_of(report: Dict) -> Dict[str, Dict]:
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", help="comma-separated budget names (default: all): " + ", ".join(BUDGETS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads per demo")
     parser.add_argument("--jobs", type=int, default=1, help="budgets run at once (each in its own process)")
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.run_one:
         return run_budget(args.run_one, args.out, args.threads)
     names = args.only.split(",") if args.only else list(BUDGETS)

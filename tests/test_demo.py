@@ -22,6 +22,7 @@ def _script(name):
 
 
 demo_seeds = _script("demo_seeds")
+demo_training = _script("demo_training")
 
 REQUIRED = {  # the report's columns: where each lives in a row of the report
     "finance perplexity": ("domain", "perplexity"),
@@ -162,6 +163,20 @@ def test_seeds_summary_is_mean_and_range_per_row():
     assert merged["values"] == [0.2, 0.4] and merged["mean"] == pytest.approx(0.3) and (merged["min"], merged["max"]) == (0.2, 0.4)
     assert summary["rows"]["sweep best"]["chosen"] == ["paper, w_d=1.0, w_i=1.5", "instruct_head, w_d=1.5, w_i=1.0"]
     assert "| merged | 0.300 [0.200, 0.400] | 0.800 [0.700, 0.900] | 0.750 [0.500, 1.000] |" in demo_seeds.markdown(summary)
+
+
+def test_training_budgets_report_the_claim_rows_and_the_best_mergekit_method(tmp_path):
+    report = _report({"base": (0.0, 0.3, 0.0), "domain": (0.0, 0.74, 0.0), "merged": (0.05, 0.73, 1.0),
+                      "task_arithmetic": (0.05, 0.73, 1.0), "ties": (0.0, 0.7, 0.0), "breadcrumbs": (0.06, 0.72, 1.0),
+                      "sweep best (paper, w_d=1.0, w_i=1.0)": (0.05, 0.73, 1.0),
+                      "data-free choice (instruct_tokens, w_d=1.5, w_i=1.0)": (0.02, 0.66, 1.0)})
+    rows = demo_training.rows_of(report)
+    assert list(rows) == ["domain", "merged", "sweep best (paper, w_d=1.0, w_i=1.0)",
+                          "data-free choice (instruct_tokens, w_d=1.5, w_i=1.0)", "best mergekit method (breadcrumbs)"]
+    assert rows["best mergekit method (breadcrumbs)"] == {"finance strict": 0.06, "finance MC acc": 0.72, "finance turn end": 1.0}
+    with pytest.raises(SystemExit):  # an unknown budget is refused before anything runs
+        demo_training.main(["--out", str(tmp_path / "out"), "--only", "no-such-budget"])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
