@@ -89,7 +89,8 @@ def main() -> None:
         print(f"model: {params / 1e6:.0f}M parameters, {args.threads} threads")
     else:
         _report_scoring(args, params, reqs, tokens, tokenizer, ours, theirs, times)
-    _generation(args, model, tokenizer, reqs)
+    if args.generate:
+        _generation(args, model, tokenizer, reqs)
 
 
 def _report_scoring(args, params, reqs, tokens, tokenizer, ours, theirs, times) -> None:
