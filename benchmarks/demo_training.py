@@ -20,13 +20,15 @@ from typing import Dict
 
 from finmerge.demo.family import FamilySettings
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_seeds import METRICS, PREFIXES, _value  # noqa: E402  (the columns and chosen-row labels of the seeds table)
+
 # name: (family settings changed, the recipe's pretrain fields changed (the domain model's CPT))
 BUDGETS = {
     "fewer-steps": ({"base_steps": 400, "instruct_steps": 100}, {"max_steps": 200}),
     "shorter-blocks": ({"seq_len": 64, "base_steps": 600, "instruct_steps": 100}, {"seq_len": 64, "max_steps": 300}),
 }
 ROWS = ("domain", "merged")
-PREFIXES = ("sweep best", "data-free choice")
 
 
 def run_budget(name: str, out: str, threads: int) -> None:
@@ -53,8 +55,7 @@ def rows_of(report: Dict) -> Dict[str, Dict]:
     from finmerge.demo.pipeline import demo_recipe
 
     results = report["results"]
-    values = {label: {"finance strict": row["finance"]["strict"], "finance MC acc": row["finance"]["choice_accuracy"],
-                      "finance turn end": row["finance"]["ends_with_eos"]} for label, row in results.items()}
+    values = {label: {metric: _value(row, path) for metric, path in METRICS} for label, row in results.items()}
     baselines = [label for label in demo_recipe(False)["finmerge"]["baselines"] if label in values]
     best = max(baselines, key=lambda label: values[label]["finance strict"])
     rows = {label: values[label] for label in results if label in ROWS or label.startswith(PREFIXES)}
@@ -85,7 +86,8 @@ def main(argv=None) -> None:
         json.dump(summary, handle, indent=2)
     for name, entry in summary.items():
         print(f"## {name}: {entry['family']} / domain CPT {entry['pretrain']} ({entry['seconds']} s)")
-        print("| row | finance strict | finance MC acc | finance turn end |\n|---|---|---|---|")
+        print("| row | " + " | ".join(m for m, _ in METRICS) + " |")
+        print("|---" * (len(METRICS) + 1) + "|")
         for label, values in entry["rows"].items():
             print(f"| {label} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |")
 
