@@ -11,7 +11,7 @@ from finmerge.safety.dtypes import COMMON
 @click.option("--domain", required=True, help="Domain model (continual pretraining of the base).")
 @click.option("--instruct", required=True, help="Instruct model (instruction tuning of the base).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for diagnostics.json, diagnostics.md and diagnostics.png (created if needed).")
+              help="Folder for diagnostics.json, diagnostics.md and diagnostics.svg (created if needed).")
 @click.option("--dtype", type=Dtype((*COMMON, "float64")), default=None,
               help="Cast inputs to this dtype first, like a recipe's `dtype:` (default: as stored); bfloat16 = bf16, "
                    "float16 = fp16, float32 = fp32.")

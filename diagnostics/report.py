@@ -1,4 +1,4 @@
-"""Write the diagnostics report files into a folder: diagnostics.json, diagnostics.md and a PNG.
+"""Write the diagnostics report files into a folder: diagnostics.json, diagnostics.md and diagnostics.svg.
 
 The JSON layout is documented in docs/diagnostics.md ("diagnostics.json"); SCHEMA names its version.
 """
@@ -9,13 +9,13 @@ from importlib import metadata
 from typing import Any, Dict, List, Optional
 
 from finmerge.diagnostics.aggregate import Aggregates
-from finmerge.diagnostics.heatmap import draw_heatmap
+from finmerge.diagnostics.heatmap import heatmap_svg
 from finmerge.diagnostics.render import NA, card_section, cosine_matrix, table, verdict
 from finmerge.diagnostics.stats import StatsCollector
 from finmerge.safety.outputs import atomic_write_files, json_text
 
 SCHEMA = "finmerge.diagnostics/2"
-JSON_NAME, MD_NAME, PNG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.png"
+JSON_NAME, MD_NAME, SVG_NAME = "diagnostics.json", "diagnostics.md", "diagnostics.svg"
 TOP_TENSORS = 10
 
 
@@ -63,7 +63,7 @@ def build_data(agg: Aggregates, skipped: Dict[str, str], models: Dict[str, str],
     }
 
 
-def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str]) -> str:
+def markdown(agg: Aggregates, data: Dict[str, Any]) -> str:
     models = data["models"]
     lines = [
         "# Independence diagnostics: domain vs instruction task vector",
@@ -96,7 +96,7 @@ def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str])
         "",
         *cosine_matrix(agg),
         "",
-        f"![cosine heatmap]({PNG_NAME})" if heatmap_note is None else f"Heatmap not drawn: {heatmap_note}.",
+        f"![cosine heatmap]({SVG_NAME})" if data["heatmap"] else "No heatmap: no tensors were measured.",
         "",
     ]
     ranked = sorted((t for t in agg.tensors if t.sums.cos is not None), key=lambda t: -abs(t.sums.cos))
@@ -118,15 +118,18 @@ def markdown(agg: Aggregates, data: Dict[str, Any], heatmap_note: Optional[str])
 def write_report(folder: str, collector: StatsCollector, models: Dict[str, str], source: str,
                  weights: Optional[Dict[str, Any]] = None,
                  instruct_rows: Optional[List[Dict[str, Any]]] = None) -> Report:
-    """Write diagnostics.json, diagnostics.md and (with matplotlib) diagnostics.png into `folder`."""
+    """Write diagnostics.json, diagnostics.md and diagnostics.svg (the heatmap) into `folder`, each whole or not at all."""
     os.makedirs(folder, exist_ok=True)
     agg = Aggregates(collector.tensors())
     data = build_data(agg, collector.skipped(), models, source, weights, instruct_rows)
-    note = draw_heatmap(agg, os.path.join(folder, PNG_NAME)) if agg.tensors else "no tensors were measured"
-    data["heatmap"] = PNG_NAME if note is None else None
-    # undefined values are null, never NaN; keys in the documented order
-    atomic_write_files({
+    svg = heatmap_svg(agg)
+    data["heatmap"] = SVG_NAME if svg is not None else None
+    files = {
+        # undefined values are null, never NaN; keys in the documented order
         os.path.join(folder, JSON_NAME): json_text(data, indent=1, allow_nan=False, ensure_ascii=False,
                                                    sort_keys=False, default=None),
-        os.path.join(folder, MD_NAME): markdown(agg, data, note)})
+        os.path.join(folder, MD_NAME): markdown(agg, data)}
+    if svg is not None:
+        files[os.path.join(folder, SVG_NAME)] = svg
+    atomic_write_files(files)
     return Report(agg, data, data["heatmap"])

@@ -184,14 +184,11 @@ def _finite(value: float) -> bool:
 def diagnose(models: Dict[str, str], out: str, *, dtype: Optional[torch.dtype] = None,
              cache_dir: Optional[str] = None, progress: bool = True) -> Report:
     """Measure base/domain/instruct (paths or hub ids) and write the report files into `out`."""
-    from finmerge.diagnostics.heatmap import matplotlib_preloaded
-
     missing = [role for role in ROLES if not models.get(role)]
     if missing:
         raise DiagnoseError(f"missing model(s): {', '.join(missing)}")
     check_output_location(out, [models[role] for role in ROLES], what="diagnostics folder")  # never into an input
-    with matplotlib_preloaded():
-        collector = _measure(models, dtype, cache_dir, progress)
+    collector = _measure(models, dtype, cache_dir, progress)
     return write_report(out, collector, models, source="diagnose")
 
 

@@ -12,7 +12,6 @@ through to mergekit.
 `MergeFlags`, which only plain `mergekit-yaml`'s adapter (the import hook) reads from FINMERGE_* variables.
 """
 
-import contextlib
 import json
 import logging
 import os
@@ -245,15 +244,12 @@ def _merge_into_place(original_run_merge: Callable[..., Any], merge_config: Merg
     os.makedirs(scratch)
     report = None
     collector = None
-    preloading = contextlib.nullcontext()
     if diagnostics:
         from finmerge.diagnostics import StatsCollector
-        from finmerge.diagnostics.heatmap import matplotlib_preloaded
 
         collector = StatsCollector()  # fresh per merge: mergekit-multi runs several in one process
-        preloading = matplotlib_preloaded()
     try:
-        with preloading, merging(MergeContext(saved_dtype=_out_dtype(merge_config), collector=collector)):
+        with merging(MergeContext(saved_dtype=_out_dtype(merge_config), collector=collector)):
             original_run_merge(merge_config, scratch, options=options, config_source=config_source)
         ids = finish_instruct_output(scratch, inputs, merge_config, trust_remote_code=options.trust_remote_code)
         report = _write_diagnostics(scratch, collector, inputs, auto_rows) if collector else None

@@ -38,7 +38,7 @@ def collect(repro: Reproduction, flags: Optional[Dict[str, bool]] = None) -> Dic
     pretrain = _load(os.path.join(repro.model("domain"), "training_summary.json")) if "pretrain" in repro.stages else None
     plots = {name: path for name, path in {
         "pretrain loss": os.path.join(repro.model("domain"), "loss_curve.png"),
-        "diagnostics heatmap": os.path.join(repro.output, (diagnostics or {}).get("heatmap") or "diagnostics.png"),
+        "diagnostics heatmap": os.path.join(repro.output, (diagnostics or {}).get("heatmap") or "diagnostics.svg"),
         "sweep": os.path.join(repro.workdir, "sweep", "sweep.png"),
     }.items() if os.path.isfile(path)}
     rows = {label: without_answers(result) for label, result in rows.items()}  # eval.json keeps every answer

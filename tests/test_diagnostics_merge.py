@@ -16,7 +16,7 @@ from finmerge.demo.tiny_models import recipe, write_recipe
 from merge_helpers import copy_model, pickled_copy, run_merge, shard_in_two, tensors
 
 BIN = os.path.dirname(sys.executable)
-REPORT_FILES = ("diagnostics.json", "diagnostics.md", "diagnostics.png")
+REPORT_FILES = ("diagnostics.json", "diagnostics.md", "diagnostics.svg")
 
 
 def _models(family):

@@ -284,26 +284,50 @@ def test_layer_and_module_from_name(name, expected):
     assert classify(name) == expected
 
 
-def test_report_without_matplotlib(monkeypatch, tmp_path):
+def test_report_needs_no_matplotlib(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     for name in [m for m in list(sys.modules) if m.startswith("matplotlib.")]:  # list(): atomic copy
         monkeypatch.setitem(sys.modules, name, None)
     report, data = _report(_measure(_llama_like(layers=1)), tmp_path)
-    assert report.heatmap is None and data["heatmap"] is None
-    assert not (tmp_path / "diagnostics.png").exists()
-    assert "finmerge[plots]" in (tmp_path / "diagnostics.md").read_text()
-    assert "diagnostics.png" not in report.card_section()
+    assert report.heatmap == data["heatmap"] == "diagnostics.svg"
+    assert "diagnostics.svg" in report.card_section()
 
 
 def test_report_files_and_heatmap(tmp_path):
-    import matplotlib  # noqa: F401  (`make` installs the plots extra: a broken install must fail, not skip)
+    from xml.etree import ElementTree
 
     report, data = _report(_measure(_llama_like()), tmp_path)
-    assert data["heatmap"] == "diagnostics.png"
-    assert (tmp_path / "diagnostics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert data["heatmap"] == "diagnostics.svg"
     markdown = (tmp_path / "diagnostics.md").read_text()
     assert data["verdict"] in markdown and "## By module type" in markdown and "| outside blocks |" in markdown
+    assert "![cosine heatmap](diagnostics.svg)" in markdown
     assert math.isfinite(data["overall"]["cos"])
+    # the SVG parses, and holds one cell per (layer, module type) whose hover text is the JSON's cosine
+    svg = ElementTree.parse(tmp_path / "diagnostics.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    hovers = {r.find(ns + "title").text: r.get("fill") for r in svg.iter(ns + "rect") if r.find(ns + "title") is not None}
+    layers = sorted({c["layer"] for c in data["cells"] if c["layer"] is not None}) + [None]
+    modules = [m["module"] for m in data["by_module"]]
+    assert len(hovers) == len(layers) * len(modules)
+    for cell in data["cells"]:
+        label = "outside blocks" if cell["layer"] is None else str(cell["layer"])
+        key = f"layer {label}, {cell['module']}: " + ("n/a" if cell["cos"] is None else f"{cell['cos']:+.4f}")
+        assert key in hovers, key
+
+
+@pytest.mark.parametrize("value", [-1.0, -0.73, -0.2, -0.05, 0.0, 0.01, 0.31, 0.5, 0.999, 1.0, 1.7])
+def test_heatmap_colours_are_matplotlibs_rdbu_r(value):
+    """The scale written by hand against matplotlib's own colormap (the oracle; clipped beyond the limit)."""
+    from matplotlib import colormaps
+
+    from finmerge.diagnostics.heatmap import colour
+
+    expected = colormaps["RdBu_r"]((max(-1.0, min(1.0, value)) + 1) / 2)
+    ours = colour(value, 1.0)
+    got = [int(ours[i:i + 2], 16) / 255 for i in (1, 3, 5)]
+    # matplotlib looks colours up in a 256-entry table: up to ~2/255 from the exact interpolation
+    assert got == pytest.approx(expected[:3], abs=3 / 255)
+    assert colour(value * 0.2, 0.2) == ours  # the scale is relative to the limit
 
 
 def test_accumulator_refuses_chunks_too_large_for_exact_counts():
