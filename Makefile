@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-SOURCES := pyproject.toml constraints.txt $(shell find plugins diagnostics pretrain cli demo evaluation sweep reproduce safety recipes -type f \( -name '*.py' -o -name '*.pth' -o -name '*.yml' -o -name '*.yaml' \) 2>/dev/null)
+SOURCES := pyproject.toml constraints.txt $(shell find plugins diagnostics pretrain cli demo evaluation sweep reproduce safety recipes -type f \( -name '*.py' -o -name '*.pth' -o -name '*.yml' -o -name '*.yaml' \) 2>/dev/null) $(shell find demo/standins -type f 2>/dev/null)
 export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY ?= PASSIVE
 

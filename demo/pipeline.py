@@ -1,6 +1,7 @@
 """The embedded default, end to end: world -> base and instruct stand-ins -> the real finmerge path
 (`finmerge reproduce` on recipes/demo.yml: pretrain, plain mergekit-yaml, diagnostics, eval, sweep)
--> one table. Every number in it is computed by this run."""
+-> one table. Every number in it is computed by this run; the seed-0 stand-ins themselves are shipped
+(finmerge.demo.standins) and trained only when this run would train them differently."""
 
 import json
 import os
@@ -13,9 +14,10 @@ import yaml
 from finmerge.demo import family as fam
 from finmerge.demo import report as demo_report
 from finmerge.demo import breakdown as answers
+from finmerge.demo import standins
 from finmerge.demo.world import QUICK, WorldSize, build_world, write_world
 from finmerge.reproduce.stages import Stages, stage_key
-from finmerge.safety.outputs import atomic_write_text
+from finmerge.safety.outputs import atomic_write_json, atomic_write_text
 
 # --quick: the same path on a smaller world and model, for the test suite.
 QUICK_DOMAIN = dict(seq_len=96, per_device_train_batch_size=16, max_steps=60, learning_rate=2e-3, save_steps=30, logging_steps=5)
@@ -60,9 +62,10 @@ def demo_recipe(quick: bool) -> Dict:
 
 def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, seed: int = 0,
              log: Callable[[str], None] = print, family: Optional[fam.FamilySettings] = None,
-             pretrain: Optional[Dict] = None) -> Dict:
+             pretrain: Optional[Dict] = None, train_standins: bool = False) -> Dict:
     """`family` and `pretrain` (fields of the recipe's pretrain section) replace the demo's sizes: for
-    benchmarks/demo_training.py, which measures what less training does to the table."""
+    benchmarks/demo_training.py, which measures what less training does to the table. `train_standins`
+    trains base and instruct even where the shipped seed-0 ones are the same models."""
     from finmerge.reproduce.recipe import load_reproduction
     from finmerge.reproduce.report import collect, write_report
     from finmerge.reproduce.run import run_reproduction
@@ -93,11 +96,20 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
         fam.write_random_init(init, tokenizer, settings)
 
     stages.run("init", stage_key(fam.settings_dict(settings), [world_dir]), make_init, output=init)
-    stages.run("base", stage_key(fam.settings_dict(settings), [init]),
-               lambda: fam.pretrain(init, base, [paths["general_text"]], settings.base_steps, settings.base_lr, settings, threads),
+    key = standins.standin_key(fam.settings_dict(settings), {"world": world_dir, "init": init})
+    shipped = not train_standins and all(standins.shipped_standin(role, seed, key) for role in ("base", "instruct"))
+    source = {"standins": "shipped" if shipped else "trained"}
+    if shipped:
+        log(f"[base, instruct] the shipped seed-{seed} stand-ins match this world and settings (key {key}): "
+            "copied, not trained (--train-standins trains them)")
+    stages.run("base", stage_key({**fam.settings_dict(settings), **source}, [init]),
+               (lambda: standins.copy_standin("base", seed, base)) if shipped else
+               (lambda: fam.pretrain(init, base, [paths["general_text"]], settings.base_steps, settings.base_lr, settings, threads)),
                output=base, resumable=True)
-    stages.run("instruct", stage_key(fam.settings_dict(settings), [base]),
-               lambda: fam.fine_tune_instruct(base, instruct, world["instruct_chats"], settings, threads), output=instruct)
+    stages.run("instruct", stage_key({**fam.settings_dict(settings), **source}, [base]),
+               (lambda: standins.copy_standin("instruct", seed, instruct)) if shipped else
+               (lambda: fam.fine_tune_instruct(base, instruct, world["instruct_chats"], settings, threads)), output=instruct)
+    atomic_write_json(os.path.join(models, standins.KEYS), {"key": key, "trained": not shipped})
 
     stages.run("split", stage_key({"split": "halves of the held-out documents; val prompts"}, [world_dir]),
                lambda: _split_for_selection(world_dir, os.path.join(out_dir, "split")), output=os.path.join(out_dir, "split"))
@@ -114,6 +126,7 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
     with open(os.path.join(out_dir, "sweep", "sweep.json"), encoding="utf-8") as handle:
         points = demo_report.sweep_points(json.load(handle))
     report["demo"] = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), "threads": threads,
+                      "standins": source["standins"],
                       "world": size.__dict__, "family": fam.settings_dict(settings),
                       "breakdown": breakdown, "sweep_points": points,
                       "targets": demo_report.all_targets(report["results"])}
