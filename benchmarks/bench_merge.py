@@ -322,7 +322,7 @@ PROFILED = {  # what finmerge does around mergekit's run_merge, by function
     "preflight (configs, safetensors headers)": "finmerge/plugins/preflight.py:*(preflight)",
     "output fix-up (tokenizer, ids)": "finmerge/plugins/instruct_output.py:*(finish_instruct_output)",
     "diagnostics report (incl. heatmap)": "finmerge/diagnostics/report.py:*(write_report)",
-    "  heatmap PNG (matplotlib)": "finmerge/diagnostics/heatmap.py:*(draw_heatmap)",
+    "  heatmap SVG": "finmerge/diagnostics/heatmap.py:*(heatmap_svg)",
     "model card": "mergekit/card.py:*(generate_card)",
     "swap into OUT": "finmerge/plugins/run.py:*(_move_into_place)",
     "whole domain_instruct merge": "finmerge/plugins/run.py:*(run_domain_instruct)",
