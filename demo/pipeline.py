@@ -96,7 +96,8 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
         fam.write_random_init(init, tokenizer, settings)
 
     stages.run("init", stage_key(fam.settings_dict(settings), [world_dir]), make_init, output=init)
-    key = standins.standin_key(fam.settings_dict(settings), {"world": world_dir, "init": init})
+    made_from = standins.standin_inputs(fam.settings_dict(settings), {"world": world_dir, "init": init})
+    key = standins.standin_key(made_from)
     shipped = not train_standins and all(standins.shipped_standin(role, seed, key) for role in ("base", "instruct"))
     source = {"standins": "shipped" if shipped else "trained"}
     if shipped:
@@ -109,7 +110,7 @@ def run_demo(out_dir: str, quick: bool = False, threads: Optional[int] = None, s
     stages.run("instruct", stage_key({**fam.settings_dict(settings), **source}, [base]),
                (lambda: standins.copy_standin("instruct", seed, instruct)) if shipped else
                (lambda: fam.fine_tune_instruct(base, instruct, world["instruct_chats"], settings, threads)), output=instruct)
-    atomic_write_json(os.path.join(models, standins.KEYS), {"key": key, "trained": not shipped})
+    atomic_write_json(os.path.join(models, standins.KEYS), {"key": key, "trained": not shipped, "inputs": made_from})
 
     stages.run("split", stage_key({"split": "halves of the held-out documents; val prompts"}, [world_dir]),
                lambda: _split_for_selection(world_dir, os.path.join(out_dir, "split")), output=os.path.join(out_dir, "split"))

@@ -54,13 +54,25 @@ def _folder_digests(folder: str) -> List[tuple]:
                   if os.path.isfile(os.path.join(folder, name)) and not name.startswith("."))
 
 
-def standin_key(family: Dict, folders: Dict[str, str]) -> str:
+def standin_inputs(family: Dict, folders: Dict[str, str]) -> Dict:
     """What decides the trained stand-ins: the family settings, the content of `folders` (the world's
     files, the random initialisation) and the training libraries' versions; no absolute path in it
-    (unlike a stage key), so it is the same in any output folder on any machine."""
-    payload = {"family": family, "files": {label: _folder_digests(folder) for label, folder in sorted(folders.items())},
-               "libraries": {name: _version(name) for name in TRAINING_LIBRARIES}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    (unlike a stage key), so it is the same in any output folder on any machine that draws the same."""
+    return {"family": family, "files": {label: _folder_digests(folder) for label, folder in sorted(folders.items())},
+            "libraries": {name: _version(name) for name in TRAINING_LIBRARIES}}
+
+
+def standin_key(inputs: Dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_probe(init_folder: str) -> Dict[str, List[float]]:
+    """Sum and sum of squares of each initial tensor (float64): what tells "another machine's random
+    draw, equal up to rounding" (torch's vectorised normal_ differs by CPU) from "other init code"."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(init_folder, "model.safetensors"))
+    return {name: [float(t.double().sum()), float(t.double().square().sum())] for name, t in sorted(tensors.items())}
 
 
 def _shipped(seed: int):
@@ -102,7 +114,8 @@ def write_standins(demo_out: str, repository: str, seed: int = 0) -> List[str]:
         os.makedirs(target, exist_ok=True)
         for name in names:
             shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
-        record = {"role": role, "seed": seed, "key": made["key"],
+        record = {"role": role, "seed": seed, "key": made["key"], "inputs": made["inputs"],
+                  "init_probe": init_probe(os.path.join(demo_out, "models", "init")),
                   "sha256": {name: _sha256(os.path.join(target, name)) for name in names}}
         with open(os.path.join(target, RECORD), "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1)
