@@ -60,6 +60,17 @@ if [[ -z "$WORK" ]]; then
   [[ "${GPU_CHECKS_KEEP:-0}" == 1 ]] || trap 'rm -rf "$WORK"' EXIT
 fi
 mkdir -p "$WORK"
+# the checks below compare checkpoints tensor by tensor; each loads them with this
+cat > "$WORK/check_weights.py" <<'EOF'
+import glob, os
+from safetensors.torch import load_file
+def weights(folder):
+    state = {}
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        state.update(load_file(file))
+    return state
+EOF
+export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}"
 echo "scratch: $WORK"
 
 # ---- tiny models and data (CPU; also what --dry-run exercises) -------------------------------------------
@@ -126,14 +137,9 @@ fi
 
 if [[ -f "$WORK/whole/training_summary.json" ]]; then
   if message=$("$PYTHON" - "$WORK/tiny/base" "$WORK/whole" <<'EOF' 2>&1
-import glob, os, sys
+import sys
 import torch
-from safetensors.torch import load_file
-def weights(folder):
-    state = {}
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        state.update(load_file(file))
-    return state
+from check_weights import weights  # written into $WORK above
 base, trained = weights(sys.argv[1]), weights(sys.argv[2])
 missing = sorted(set(base) - set(trained))
 assert not missing, f"missing tensors {missing[:3]}"
@@ -164,14 +170,9 @@ if [[ -f "$WORK/broken/training_summary.json" ]]; then
   fail fsdp_resume "the run finished before it could be killed (no resume tested)"
 elif pretrain "$WORK/broken" "$WORK/resumed.log"; then
   if message=$("$PYTHON" - "$WORK/whole" "$WORK/broken" "$RESUME_TOL" <<'EOF' 2>&1
-import glob, json, os, sys
+import json, os, sys
 import torch
-from safetensors.torch import load_file
-def weights(folder):
-    state = {}
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        state.update(load_file(file))
-    return state
+from check_weights import weights  # written into $WORK above
 whole, resumed, tol = weights(sys.argv[1]), weights(sys.argv[2]), float(sys.argv[3])
 summary = json.load(open(os.path.join(sys.argv[2], "training_summary.json")))
 assert summary.get("resumed_from"), "the rerun did not resume from a checkpoint"
@@ -217,13 +218,8 @@ fi
 if limited 120 "$WORK/merge-cpu.log" "$BIN/mergekit-yaml" "$WORK/merge.yml" "$WORK/merged-cpu" \
    && limited 120 "$WORK/merge-cuda.log" "$BIN/mergekit-yaml" "$WORK/merge.yml" "$WORK/merged-cuda" --cuda; then
   if message=$("$PYTHON" - "$WORK/merged-cpu" "$WORK/merged-cuda" <<'EOF' 2>&1
-import glob, os, sys
-from safetensors.torch import load_file
-def weights(folder):
-    state = {}
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        state.update(load_file(file))
-    return state
+import os, sys
+from check_weights import weights  # written into $WORK above
 cpu, cuda = weights(sys.argv[1]), weights(sys.argv[2])
 assert cpu.keys() == cuda.keys(), "different tensors"
 diff = max((cpu[n].float() - cuda[n].float()).abs().max().item() for n in cpu)
