@@ -22,6 +22,8 @@ import sys
 from importlib import metadata, resources
 from typing import Dict, List, Optional
 
+from finmerge.safety.hashes import file_sha256
+
 # What a stand-in folder holds: the checkpoint and tokenizer a downstream stage reads, and provenance.
 FILES = {
     "base": ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -34,14 +36,6 @@ RECORD = "standin.json"
 KEYS = "standin-key.json"  # in a demo's models/ folder: the key its stand-ins were made under, and how
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _version(name: str) -> Optional[str]:
     try:
         return metadata.version(name)
@@ -50,7 +44,7 @@ def _version(name: str) -> Optional[str]:
 
 
 def _folder_digests(folder: str) -> List[tuple]:
-    return sorted((name, _sha256(os.path.join(folder, name))) for name in os.listdir(folder)
+    return sorted((name, file_sha256(os.path.join(folder, name))) for name in os.listdir(folder)
                   if os.path.isfile(os.path.join(folder, name)) and not name.startswith("."))
 
 
@@ -96,7 +90,7 @@ def copy_standin(role: str, seed: int, output: str) -> None:
         target = os.path.join(output, name)
         with resources.as_file(source / name) as path:
             shutil.copyfile(path, target)
-        if _sha256(target) != record["sha256"][name]:
+        if file_sha256(target) != record["sha256"][name]:
             raise RuntimeError(f"shipped demo stand-in {role}/{name} does not match its recorded sha256: the "
                                "installation is damaged; reinstall finmerge or run `finmerge demo --train-standins`")
 
@@ -116,7 +110,7 @@ def write_standins(demo_out: str, repository: str, seed: int = 0) -> List[str]:
             shutil.copyfile(os.path.join(source, name), os.path.join(target, name))
         record = {"role": role, "seed": seed, "key": made["key"], "inputs": made["inputs"],
                   "init_probe": init_probe(os.path.join(demo_out, "models", "init")),
-                  "sha256": {name: _sha256(os.path.join(target, name)) for name in names}}
+                  "sha256": {name: file_sha256(os.path.join(target, name)) for name in names}}
         with open(os.path.join(target, RECORD), "w", encoding="utf-8") as handle:
             json.dump(record, handle, indent=1)
             handle.write("\n")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from finmerge.demo import family as fam
 from finmerge.demo import standins
+from finmerge.safety.hashes import file_sha256
 
 
 class _Stop(Exception):
@@ -84,7 +85,7 @@ def test_make_demo_copies_the_shipped_standins_and_they_are_the_familys_models(s
         record = json.loads(_shipped_file(role, standins.RECORD).read_text())
         assert record["key"] == made["key"]
         for name in standins.FILES[role]:
-            assert standins._sha256(str(out / "models" / role / name)) == record["sha256"][name]
+            assert file_sha256(str(out / "models" / role / name)) == record["sha256"][name]
         weights = load_file(str(out / "models" / role / "model.safetensors"))
         assert weights["model.embed_tokens.weight"].shape == (settings.vocab_size, settings.hidden_size)
         assert sum(1 for n in weights if n.endswith("self_attn.q_proj.weight")) == settings.layers
